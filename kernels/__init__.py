@@ -1,0 +1,14 @@
+"""Triton kernels of fastmerge, shipped in the wheel as ``fastmerge.kernels``.
+
+One file per op, named like the op; each holds its ``@triton.jit`` kernels and the
+launcher that the op's ``triton`` backend calls. On a CPU-only machine they run under
+``TRITON_INTERPRET=1`` with CPU tensors; ``AOT_SIGNATURES`` lets the tests compile
+every kernel ahead of time for sm_80/sm_90 without a GPU.
+"""
+
+from . import scope_grad, scope_stats
+
+# name -> (kernel, signature, constexprs) for ahead-of-time compilation checks.
+AOT_SIGNATURES = {**scope_stats.AOT_SIGNATURES, **scope_grad.AOT_SIGNATURES}
+
+__all__ = ["AOT_SIGNATURES", "scope_grad", "scope_stats"]

@@ -1,0 +1,59 @@
+"""fastmerge: fast, exact model-merging primitives and merging methods.
+
+Primitives (each with reference, cpu, cuda and triton backends):
+
+* :func:`scope_stats` — fused per-tensor mean/std/count over a list of tensors.
+* :func:`wsa_penalty` — the Weight Scope Alignment penalty with a fused backward.
+
+See ``fastmerge info`` for what is built and usable on this machine.
+
+Example:
+    >>> import torch, fastmerge
+    >>> fastmerge.scope_stats([torch.zeros(2, 2)]).std.tolist()
+    [0.0]
+"""
+
+from __future__ import annotations
+
+from . import backends, ops, wsa
+from ._version import __version__
+from .backends import BackendUnavailableError
+from .ops import scope_stats
+from .stats import ScopeStats
+from .wsa import wsa_penalty
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of CPU threads of fastmerge's kernels (default: all cores, or
+    ``$FASTMERGE_NUM_THREADS``). Independent of ``torch.set_num_threads``.
+
+    Example:
+        >>> fastmerge.set_num_threads(2)
+    """
+    if int(n) < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    backends.cpu_extension().set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """Number of CPU threads fastmerge's kernels use.
+
+    Example:
+        >>> fastmerge.get_num_threads() >= 1
+        True
+    """
+    return int(backends.cpu_extension().get_num_threads())
+
+
+__all__ = [
+    "BackendUnavailableError",
+    "ScopeStats",
+    "__version__",
+    "backends",
+    "get_num_threads",
+    "ops",
+    "scope_stats",
+    "set_num_threads",
+    "wsa",
+    "wsa_penalty",
+]

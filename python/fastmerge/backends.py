@@ -1,0 +1,141 @@
+"""Backend registry: which implementations exist, which are usable, and which to pick.
+
+Backends, in the order they are tried automatically:
+
+* tensors on a CUDA device: ``cuda`` -> ``triton`` -> ``reference``
+* tensors on the CPU: ``cpu`` -> ``reference``
+
+``triton`` on CPU tensors runs only under ``TRITON_INTERPRET=1`` and only when asked
+for. A backend asked for by name (the ``backend=`` argument, else the
+``FASTMERGE_BACKEND`` environment variable) that cannot run raises
+:class:`BackendUnavailableError` saying why; one chosen automatically falls back
+silently. Native modules are imported lazily, so ``import fastmerge`` never fails
+because an extension is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_BACKEND = "FASTMERGE_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested by name but cannot run here; the message says why."""
+
+
+@functools.lru_cache(maxsize=None)
+def _import(module: str) -> tuple[Optional[ModuleType], str]:
+    try:
+        return importlib.import_module(module), ""
+    except Exception as exc:  # ImportError, or an OSError from a missing shared library
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def cpu_extension() -> ModuleType:
+    """The compiled CPU module ``fastmerge._C``; raises if it was not built."""
+    module, error = _import("fastmerge._C")
+    if module is None:
+        raise BackendUnavailableError(f"the CPU extension fastmerge._C is not built ({error})")
+    return module
+
+
+def cuda_extension() -> ModuleType:
+    """The compiled CUDA module ``fastmerge._cuda``; raises if it was not built."""
+    module, error = _import("fastmerge._cuda")
+    if module is None:
+        raise BackendUnavailableError(
+            f"the CUDA extension fastmerge._cuda is not built ({error}); rebuild with a CUDA "
+            "toolkit on PATH (FASTMERGE_CUDA=ON makes a missing toolkit a build error)"
+        )
+    return module
+
+
+def triton_kernels() -> ModuleType:
+    """The Triton kernels package ``fastmerge.kernels``; raises if triton is missing."""
+    module, error = _import("triton")
+    if module is None:
+        raise BackendUnavailableError(f"triton is not installed ({error}); pip install triton")
+    module, error = _import("fastmerge.kernels")
+    if module is None:
+        raise BackendUnavailableError(f"fastmerge.kernels failed to import ({error})")
+    return module
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why `backend` cannot run on tensors on `device`, or None when it can."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend takes CPU tensors, got tensors on {device}"
+        return _extension_error(cpu_extension)
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend takes CUDA tensors, got tensors on {device}"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available to torch"
+        return _extension_error(cuda_extension)
+    if backend == "triton":
+        error = _extension_error(triton_kernels)
+        if error:
+            return error
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else "no CUDA GPU is available to torch"
+        if device.type == "cpu":
+            return None if triton_interpret() else (
+                "triton runs on CPU tensors only in interpreter mode (set TRITON_INTERPRET=1 "
+                "before importing triton)"
+            )
+        return f"triton does not run on {device}"
+    return f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+
+
+def _extension_error(loader) -> Optional[str]:
+    try:
+        loader()
+    except BackendUnavailableError as exc:
+        return str(exc)
+    return None
+
+
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """Pick the backend for tensors on `device`.
+
+    `backend` (or else ``$FASTMERGE_BACKEND``) names one explicitly; it must be usable or
+    :class:`BackendUnavailableError` is raised. Otherwise the first usable backend of the
+    device's order is returned.
+    """
+    requested = backend or os.environ.get(ENV_BACKEND) or None
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+        reason = unavailable_reason(requested, device)
+        if reason is not None:
+            source = "backend=" if backend else f"${ENV_BACKEND}="
+            raise BackendUnavailableError(f"{source}{requested!r} cannot run: {reason}")
+        return requested
+    for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+        if unavailable_reason(candidate, device) is None:
+            return candidate
+    return "reference"
+
+
+def usable_backends(device: torch.device) -> list[str]:
+    """Backends that can run on tensors on `device` right now."""
+    return [b for b in BACKENDS if unavailable_reason(b, device) is None]

@@ -1,0 +1,11 @@
+"""Public ops: each validates its input, picks a backend and calls it.
+
+One op, one file per backend, same name everywhere: ``scope_stats`` is
+``csrc/cpu/scope_stats.cpp``, ``csrc/cuda/scope_stats.cu``, ``kernels/scope_stats.py``,
+``fastmerge/reference/scope_stats.py`` and ``tests/ops/test_scope_stats.py``.
+"""
+
+from .scope_grad import scope_grad
+from .scope_stats import scope_stats
+
+__all__ = ["scope_grad", "scope_stats"]

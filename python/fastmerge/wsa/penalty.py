@@ -1,0 +1,153 @@
+"""The WSA penalty: sum over layers of a divergence between each layer's weight scope
+and a target scope, with a fused one-pass backward."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+
+from .._tensors import as_tensor_list
+from ..ops.scope_grad import scope_grad
+from ..ops.scope_stats import scope_stats
+from ..stats import ScopeStats
+from .divergence import DIVERGENCES
+
+Target = Union[ScopeStats, tuple]
+REDUCTIONS = ("sum", "mean")
+
+
+def wsa_penalty(
+    tensors: Sequence[torch.Tensor],
+    target: Target,
+    *,
+    divergence: str = "kl",
+    reduction: str = "sum",
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Differentiable Weight Scope Alignment penalty of a list of weight tensors.
+
+    ``sum_l D(N(mu_l, sigma_l^2) || N(mu_t,l, sigma_t,l^2))`` where (mu_l, sigma_l) is the
+    mean and population std of ``tensors[l]`` and D is, by ``divergence``:
+
+    * ``"kl"`` (default): KL(layer || target) = log(st/s) + (s^2 + (m-mt)^2)/(2 st^2) - 1/2
+    * ``"reverse_kl"``: KL(target || layer)
+    * ``"w2"``: squared 2-Wasserstein distance (m-mt)^2 + (s-st)^2 (finite at s = 0)
+
+    The target is a constant (no gradient flows into it). The forward is one fused
+    :func:`~fastmerge.scope_stats` pass; the backward writes every tensor's gradient
+    in one fused :func:`~fastmerge.ops.scope_grad` pass (it is affine in w - mu_l).
+
+    Args:
+        tensors: the weights, e.g. ``[m.weight for m in linear_layers]``.
+        target: a :class:`~fastmerge.ScopeStats` with one entry per tensor (or one entry
+            for all), or a ``(mean, std)`` pair of numbers or 1-D tensors.
+        divergence: ``"kl"``, ``"reverse_kl"`` or ``"w2"``.
+        reduction: ``"sum"`` over layers or their ``"mean"``.
+        backend: as for :func:`~fastmerge.scope_stats`.
+
+    Returns:
+        A scalar in the tensors' dtype (at least float32).
+
+    Raises:
+        ValueError: a target std that is not positive, a target of the wrong length,
+            an empty tensor, or an unknown divergence or reduction.
+
+    Example:
+        >>> import torch, fastmerge
+        >>> w = torch.randn(64, 32, requires_grad=True)
+        >>> loss = fastmerge.wsa_penalty([w], (0.0, 0.05))
+        >>> loss.backward()
+        >>> w.grad.shape
+        torch.Size([64, 32])
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    ts = as_tensor_list(tensors, "tensors")
+    if not ts:
+        raise ValueError("tensors is empty: the penalty needs at least one weight tensor")
+    for i, t in enumerate(ts):
+        if t.numel() == 0:
+            raise ValueError(f"tensors[{i}] is empty: its scope is undefined")
+    target_mean, target_std = _target_tensors(target, len(ts), ts[0].device)
+    return _WSAPenalty.apply(target_mean, target_std, divergence, reduction, backend, *ts)
+
+
+def _target_tensors(
+    target: Target, n: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(target, ScopeStats):
+        mean, std = target.mean, target.std
+    elif isinstance(target, (tuple, list)) and len(target) == 2:
+        mean, std = target
+    else:
+        raise TypeError(
+            "target must be a ScopeStats or a (mean, std) pair, got "
+            f"{type(target).__name__}"
+        )
+    mean = torch.as_tensor(mean, dtype=torch.float64).to(device).reshape(-1)
+    std = torch.as_tensor(std, dtype=torch.float64).to(device).reshape(-1)
+    for name, value in (("mean", mean), ("std", std)):
+        if value.shape[0] not in (1, n):
+            raise ValueError(
+                f"target {name} has {value.shape[0]} entries; expected 1 or one per tensor ({n})"
+            )
+    if not bool(torch.isfinite(mean).all()):
+        raise ValueError("target mean must be finite")
+    if not bool((std > 0).all()) or not bool(torch.isfinite(std).all()):
+        bad = int(torch.nonzero(~((std > 0) & torch.isfinite(std)))[0])
+        raise ValueError(
+            f"target std must be positive and finite; entry {bad} is {float(std[bad])}"
+        )
+    return mean.expand(n), std.expand(n)
+
+
+class _WSAPenalty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, target_mean, target_std, divergence, reduction, backend, *tensors):
+        stats = scope_stats(list(tensors), backend=backend)
+        value, d_mean, d_std = DIVERGENCES[divergence](
+            stats.mean, stats.std, target_mean, target_std
+        )
+        scale = 1.0 / len(tensors) if reduction == "mean" else 1.0
+        n = stats.count
+        # d sigma / d w = (w - mu) / (n sigma); at sigma = 0 use the zero subgradient.
+        beta = torch.where(stats.std > 0, d_std * scale / (n * stats.std), torch.zeros_like(n))
+        ctx.coefficients = (stats.mean, d_mean * scale / n, beta)
+        ctx.backend = backend
+        ctx.save_for_backward(*tensors)
+        out_dtype = torch.promote_types(
+            torch.float32, _common_dtype([t.dtype for t in tensors])
+        )
+        return (value.sum() * scale).to(out_dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        tensors = ctx.saved_tensors
+        needed = [i for i, t in enumerate(tensors) if ctx.needs_input_grad[5 + i]]
+        grads: list[Optional[torch.Tensor]] = [None] * len(tensors)
+        if needed:
+            g = grad_output.to(torch.float64)
+            mean, alpha, beta = ctx.coefficients
+            index = torch.tensor(needed, device=mean.device)
+            computed = scope_grad(
+                [tensors[i] for i in needed],
+                mean[index],
+                g * alpha[index],
+                g * beta[index],
+                backend=ctx.backend,
+            )
+            for i, grad in zip(needed, computed):
+                grads[i] = grad
+        return (None, None, None, None, None, *grads)
+
+
+def _common_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
