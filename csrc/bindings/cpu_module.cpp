@@ -58,6 +58,63 @@ void scope_grad(const std::vector<uintptr_t>& x, const std::vector<uintptr_t>& o
   fastmerge::cpu::scope_grad(src, dst, numels, dtypes, coef, coef + n, coef + 2 * n);
 }
 
+// Reads (data pointer, numel, dtype code) straight from a list of torch tensors with
+// the CPython API: for thousands of small tensors this per-tensor marshalling, not the
+// arithmetic, is the cost, and doing it here is several times cheaper than in Python.
+// Returns the index of the first tensor that is not a contiguous CPU tensor of a
+// supported dtype (the caller then validates in Python and reports), or -1.
+struct Buffers {
+  std::vector<const void*> data;
+  std::vector<int64_t> numels;
+  std::vector<int32_t> dtypes;
+};
+
+int64_t collect_cpu_buffers(const py::list& tensors, const py::dict& dtype_codes, Buffers& out) {
+  static PyObject* const data_ptr = PyUnicode_InternFromString("data_ptr");
+  static PyObject* const numel = PyUnicode_InternFromString("numel");
+  static PyObject* const dtype = PyUnicode_InternFromString("dtype");
+  static PyObject* const is_cpu = PyUnicode_InternFromString("is_cpu");
+  static PyObject* const is_contiguous = PyUnicode_InternFromString("is_contiguous");
+  const Py_ssize_t n = PyList_GET_SIZE(tensors.ptr());
+  out.data.resize(n);
+  out.numels.resize(n);
+  out.dtypes.resize(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* t = PyList_GET_ITEM(tensors.ptr(), i);
+    py::object cpu = py::reinterpret_steal<py::object>(PyObject_GetAttr(t, is_cpu));
+    if (!cpu || cpu.ptr() != Py_True) return i;
+    py::object dt = py::reinterpret_steal<py::object>(PyObject_GetAttr(t, dtype));
+    PyObject* code = dt ? PyDict_GetItem(dtype_codes.ptr(), dt.ptr()) : nullptr;  // borrowed
+    if (code == nullptr) return i;
+    py::object contiguous =
+        py::reinterpret_steal<py::object>(PyObject_CallMethodNoArgs(t, is_contiguous));
+    if (!contiguous || contiguous.ptr() != Py_True) return i;
+    py::object ptr = py::reinterpret_steal<py::object>(PyObject_CallMethodNoArgs(t, data_ptr));
+    py::object count = py::reinterpret_steal<py::object>(PyObject_CallMethodNoArgs(t, numel));
+    if (!ptr || !count) throw py::error_already_set();
+    out.data[i] = reinterpret_cast<const void*>(PyLong_AsUnsignedLongLong(ptr.ptr()));
+    out.numels[i] = PyLong_AsLongLong(count.ptr());
+    out.dtypes[i] = static_cast<int32_t>(PyLong_AsLong(code));
+  }
+  PyErr_Clear();  // attribute lookups that failed were reported through the index
+  return -1;
+}
+
+int64_t scope_stats_tensors(const py::list& tensors, const py::dict& dtype_codes, uintptr_t out) {
+  Buffers buffers;
+  const int64_t bad = collect_cpu_buffers(tensors, dtype_codes, buffers);
+  if (bad >= 0) {
+    PyErr_Clear();
+    return bad;
+  }
+  auto* stats = reinterpret_cast<double*>(out);
+  const size_t n = buffers.data.size();
+  py::gil_scoped_release release;
+  fastmerge::cpu::scope_stats(buffers.data, buffers.numels, buffers.dtypes, stats, stats + n,
+                              stats + 2 * n);
+  return -1;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -65,6 +122,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("scope_stats", &scope_stats, py::arg("data"), py::arg("numels"), py::arg("dtypes"),
         py::arg("out"),
         "Write mean, std, count rows (float64, 3 x n) of n contiguous buffers to `out`.");
+  m.def("scope_stats_tensors", &scope_stats_tensors, py::arg("tensors"),
+        py::arg("dtype_codes"), py::arg("out"),
+        "scope_stats on a list of torch CPU tensors; returns -1, or the index of the first "
+        "tensor that is not a contiguous CPU tensor of a dtype in dtype_codes (nothing "
+        "is computed then).");
   m.def("scope_grad", &scope_grad, py::arg("x"), py::arg("out"), py::arg("numels"),
         py::arg("dtypes"), py::arg("coefficients"),
         "out_t = alpha_t + beta_t * (x_t - mean_t); coefficients: float64 rows mean, alpha, beta.");

@@ -24,6 +24,7 @@ __attribute__((always_inline)) inline void affine_chunk(const void* x, void* out
   const auto* src = static_cast<const typename E::storage*>(x) + begin;
   auto* dst = static_cast<typename E::storage*>(out) + begin;
   const C m = static_cast<C>(mean), a = static_cast<C>(alpha), b = static_cast<C>(beta);
+#pragma omp simd
   for (int64_t i = 0; i < length; ++i) {
     E::store(dst, i, a + b * (static_cast<C>(E::load(src, i)) - m));
   }

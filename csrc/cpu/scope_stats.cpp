@@ -18,37 +18,23 @@ constexpr int64_t kChunkSize = 1 << 16;
 // Below this many elements a second thread costs more than it saves.
 constexpr int64_t kMinElementsPerThread = 1 << 15;
 
-// Shifted sums over one chunk in double. Eight independent lanes let the compiler
-// vectorize without reassociating a single accumulator (which -O3 may not do).
+// Shifted sums over one chunk in double. `omp simd reduction` (-fopenmp-simd, no
+// OpenMP runtime) lets the compiler keep vector accumulators, which plain -O3 may not
+// do for a floating-point sum; the shift keeps the result accurate regardless.
 template <int32_t DT>
 __attribute__((always_inline)) inline Moments chunk_moments(const void* data, int64_t begin,
                                                             int64_t length) {
   using E = Element<DT>;
   const auto* x = static_cast<const typename E::storage*>(data) + begin;
   const double shift = E::load(x, 0);
-  constexpr int kLanes = 8;
-  double s1[kLanes] = {};
-  double s2[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= length; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const double d = E::load(x, i + j) - shift;
-      s1[j] += d;
-      s2[j] += d * d;
-    }
-  }
-  for (; i < length; ++i) {
+  double s1 = 0.0, s2 = 0.0;
+#pragma omp simd reduction(+ : s1, s2)
+  for (int64_t i = 0; i < length; ++i) {
     const double d = E::load(x, i) - shift;
-    s1[0] += d;
-    s2[0] += d * d;
+    s1 += d;
+    s2 += d * d;
   }
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int j = 0; j < width; ++j) {
-      s1[j] += s1[j + width];
-      s2[j] += s2[j + width];
-    }
-  }
-  return moments_from_shifted_sums(static_cast<double>(length), shift, s1[0], s2[0]);
+  return moments_from_shifted_sums(static_cast<double>(length), shift, s1, s2);
 }
 
 FM_CPU_CLONES Moments chunk_moments_f16(const void* d, int64_t b, int64_t n) {

@@ -44,7 +44,7 @@ FM_HD Moments chan_merge(const Moments& a, const Moments& b) {
 FM_HD double population_std(const Moments& m) {
   if (m.count <= 0.0) return NAN;
   const double var = m.m2 / m.count;
-  return std::sqrt(var > 0.0 ? var : 0.0);
+  return std::sqrt(var < 0.0 ? 0.0 : var);  // rounding may dip below 0; NaN must stay NaN
 }
 
 }  // namespace fastmerge

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from .. import backends
+from .._dtypes import KERNEL_DTYPE_CODES
 from .._tensors import TensorLike, as_tensor_list
 from ..reference import scope_stats as reference
 from ..stats import ScopeStats
@@ -43,14 +44,32 @@ def scope_stats(tensors: Sequence[TensorLike], *, backend: Optional[str] = None)
         >>> stats.count.tolist()
         [12.0, 3.0]
     """
-    ts = as_tensor_list(tensors, "tensors")
-    if not ts:
-        empty = torch.empty(0, dtype=torch.float64)
-        return ScopeStats(empty, empty.clone(), empty.clone())
-    name = backends.resolve_backend(backend, ts[0].device)
-    with torch.no_grad():
-        table = _IMPLEMENTATIONS[name](ts)
+    table = _cpu_fast_path(tensors) if backend is None else None
+    if table is None:
+        ts = as_tensor_list(tensors, "tensors")
+        if not ts:
+            empty = torch.empty(0, dtype=torch.float64)
+            return ScopeStats(empty, empty.clone(), empty.clone())
+        name = backends.resolve_backend(backend, ts[0].device)
+        with torch.no_grad():
+            table = _IMPLEMENTATIONS[name](ts)
     return ScopeStats(table[0], table[1], table[2])
+
+
+def _cpu_fast_path(tensors: Sequence[TensorLike]) -> Optional[torch.Tensor]:
+    """The common case, a list of contiguous CPU torch tensors, with the per-tensor
+    checks done in C++ (they dominate for thousands of small tensors). Returns None
+    whenever anything needs the general path, which then validates and reports."""
+    if type(tensors) is not list or not tensors or type(tensors[0]) not in _TENSOR_TYPES:
+        return None
+    if backends.resolve_backend(None, tensors[0].device) != "cpu":
+        return None
+    out = torch.empty((3, len(tensors)), dtype=torch.float64)
+    bad = backends.cpu_extension().scope_stats_tensors(tensors, KERNEL_DTYPE_CODES, out.data_ptr())
+    return out if bad < 0 else None
+
+
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _run_reference(tensors: list[torch.Tensor]) -> torch.Tensor:
