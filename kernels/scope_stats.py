@@ -116,6 +116,10 @@ AOT_SIGNATURES = {
         },
         {"DTYPE": tl_dtype, "BLOCK": BLOCK_SIZE},
     )
-    for name, tl_dtype in (("fp16", tl.float16), ("bf16", tl.bfloat16), ("fp32", tl.float32),
-                           ("fp64", tl.float64))
+    for name, tl_dtype in (
+        ("fp16", tl.float16),
+        ("bf16", tl.bfloat16),
+        ("fp32", tl.float32),
+        ("fp64", tl.float64),
+    )
 }

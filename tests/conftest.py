@@ -24,18 +24,29 @@ def backend_params():
     return [
         pytest.param("cpu", "cpu", id="cpu"),
         pytest.param(
-            "triton", "cpu", id="triton-interpret",
-            marks=[pytest.mark.triton,
-                   pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")],
+            "triton",
+            "cpu",
+            id="triton-interpret",
+            marks=[
+                pytest.mark.triton,
+                pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"),
+            ],
         ),
         pytest.param(
-            "cuda", "cuda", id="cuda",
+            "cuda",
+            "cuda",
+            id="cuda",
             marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")],
         ),
         pytest.param(
-            "triton", "cuda", id="triton-cuda",
-            marks=[pytest.mark.cuda, pytest.mark.triton,
-                   pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="no CUDA GPU")],
+            "triton",
+            "cuda",
+            id="triton-cuda",
+            marks=[
+                pytest.mark.cuda,
+                pytest.mark.triton,
+                pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="no CUDA GPU"),
+            ],
         ),
     ]
 

@@ -42,8 +42,9 @@ def as_tensor_list(values: Sequence[TensorLike], name: str) -> list[torch.Tensor
             f"{name} must be a list or tuple of tensors, got {type(values).__name__}"
             + (" (wrap a single tensor in a list)" if hasattr(values, "shape") else "")
         )
-    tensors = [v if type(v) is torch.Tensor else as_tensor(v, f"{name}[{i}]")
-               for i, v in enumerate(values)]
+    tensors = [
+        v if type(v) is torch.Tensor else as_tensor(v, f"{name}[{i}]") for i, v in enumerate(values)
+    ]
     if not tensors:
         return tensors
     device = tensors[0].device

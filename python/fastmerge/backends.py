@@ -31,7 +31,7 @@ class BackendUnavailableError(RuntimeError):
     """A backend was requested by name but cannot run here; the message says why."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _import(module: str) -> tuple[Optional[ModuleType], str]:
     try:
         return importlib.import_module(module), ""
@@ -95,9 +95,13 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
         if device.type == "cuda":
             return None if torch.cuda.is_available() else "no CUDA GPU is available to torch"
         if device.type == "cpu":
-            return None if triton_interpret() else (
-                "triton runs on CPU tensors only in interpreter mode (set TRITON_INTERPRET=1 "
-                "before importing triton)"
+            return (
+                None
+                if triton_interpret()
+                else (
+                    "triton runs on CPU tensors only in interpreter mode (set TRITON_INTERPRET=1 "
+                    "before importing triton)"
+                )
             )
         return f"triton does not run on {device}"
     return f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"

@@ -33,7 +33,9 @@ def _assert_close(stats, tensors, rtol):
     ok = ~mean.isnan()
     scale = mean[ok].abs() + std[ok]
     mean_error = ((got_mean[ok] - mean[ok]).abs() / scale).max() if ok.any() else 0.0
-    std_error = ((got_std[ok] - std[ok]).abs() / std[ok].clamp_min(1e-300)).max() if ok.any() else 0.0
+    std_error = (
+        ((got_std[ok] - std[ok]).abs() / std[ok].clamp_min(1e-300)).max() if ok.any() else 0.0
+    )
     assert float(mean_error) <= rtol, f"mean relative error {float(mean_error):.3g} > {rtol}"
     assert float(std_error) <= rtol, f"std relative error {float(std_error):.3g} > {rtol}"
 
@@ -53,8 +55,10 @@ def test_matches_reference_for_all_dtypes_and_odd_sizes(backend, device, dtype):
 def test_no_cancellation_when_mean_dwarfs_std(backend, device):
     # |mean| = 1e4 * std: a naive sum-of-squares loses every digit here.
     g = torch.Generator().manual_seed(1)
-    tensors = [torch.randn(200_003, generator=g) * 1.5 + 1.5e4,
-               torch.randn(3000, generator=g) * 1e-3 - 10.0]
+    tensors = [
+        torch.randn(200_003, generator=g) * 1.5 + 1.5e4,
+        torch.randn(3000, generator=g) * 1e-3 - 10.0,
+    ]
     tensors = [t.to(device) for t in tensors]
     stats = fastmerge.scope_stats(tensors, backend=backend)
     _assert_close(stats, tensors, rtol=1e-9)
@@ -64,8 +68,10 @@ def test_no_cancellation_when_mean_dwarfs_std(backend, device):
 def test_many_tensors_one_call(backend, device):
     g = torch.Generator().manual_seed(2)
     count = 300 if backend == "triton" else 2000
-    tensors = [torch.randn(int(n), generator=g).to(device)
-               for n in torch.randint(1, 200, (count,), generator=g)]
+    tensors = [
+        torch.randn(int(n), generator=g).to(device)
+        for n in torch.randint(1, 200, (count,), generator=g)
+    ]
     _assert_close(fastmerge.scope_stats(tensors, backend=backend), tensors, rtol=1e-12)
 
 
@@ -73,9 +79,12 @@ def test_many_tensors_one_call(backend, device):
 def test_mixed_dtypes_shapes_and_non_contiguous(backend, device):
     g = torch.Generator().manual_seed(3)
     base = torch.randn(64, 48, generator=g)
-    tensors = [base.t().to(device), base[:, ::3].to(torch.float16).to(device),
-               torch.randn(5, 4, 3, generator=g).to(torch.bfloat16).to(device),
-               torch.randn(17, generator=g, dtype=torch.float64).to(device)]
+    tensors = [
+        base.t().to(device),
+        base[:, ::3].to(torch.float16).to(device),
+        torch.randn(5, 4, 3, generator=g).to(torch.bfloat16).to(device),
+        torch.randn(17, generator=g, dtype=torch.float64).to(device),
+    ]
     assert not tensors[0].is_contiguous()
     _assert_close(fastmerge.scope_stats(tensors, backend=backend), tensors, rtol=1e-12)
 
@@ -96,8 +105,9 @@ def test_nan_and_inf_stay_in_their_tensor(backend, device):
     with_nan[7] = float("nan")
     with_inf = clean.clone()
     with_inf[70 % 10] = float("inf")
-    stats = fastmerge.scope_stats([clean.to(device), with_nan.to(device), with_inf.to(device)],
-                                  backend=backend)
+    stats = fastmerge.scope_stats(
+        [clean.to(device), with_nan.to(device), with_inf.to(device)], backend=backend
+    )
     assert math.isnan(stats.mean[1]) and math.isnan(stats.std[1])
     assert not math.isfinite(stats.mean[2]) or not math.isfinite(stats.std[2])
     assert stats.mean[0] == 4.5

@@ -51,8 +51,10 @@ def scope_grad(
         return []
     device = ts[0].device
     coefficients = torch.stack(
-        [_coefficient(c, name, len(ts), device) for c, name in
-         ((mean, "mean"), (alpha, "alpha"), (beta, "beta"))]
+        [
+            _coefficient(c, name, len(ts), device)
+            for c, name in ((mean, "mean"), (alpha, "alpha"), (beta, "beta"))
+        ]
     )
     name = backends.resolve_backend(backend, device)
     with torch.no_grad():
@@ -90,8 +92,11 @@ def _run_cuda(tensors: list[torch.Tensor], coefficients: torch.Tensor) -> list[t
     )
     with torch.cuda.device(device):
         backends.cuda_extension().scope_grad(
-            tensor_table.data_ptr(), len(tensors), chunk_table.data_ptr(),
-            int(chunks.tensor.shape[0]), coefficients.data_ptr(),
+            tensor_table.data_ptr(),
+            len(tensors),
+            chunk_table.data_ptr(),
+            int(chunks.tensor.shape[0]),
+            coefficients.data_ptr(),
             torch.cuda.current_stream(device).cuda_stream,
         )
     return outputs

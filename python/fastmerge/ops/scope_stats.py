@@ -97,8 +97,14 @@ def _run_cuda(tensors: list[torch.Tensor]) -> torch.Tensor:
     counters = torch.zeros(num_tensors, dtype=torch.int32, device=device)
     with torch.cuda.device(device):
         backends.cuda_extension().scope_stats(
-            tensor_table.data_ptr(), num_tensors, chunk_table.data_ptr(), num_chunks,
-            CUDA_CHUNK_SIZE, partials.data_ptr(), counters.data_ptr(), out.data_ptr(),
+            tensor_table.data_ptr(),
+            num_tensors,
+            chunk_table.data_ptr(),
+            num_chunks,
+            CUDA_CHUNK_SIZE,
+            partials.data_ptr(),
+            counters.data_ptr(),
+            out.data_ptr(),
             torch.cuda.current_stream(device).cuda_stream,
         )
     return out

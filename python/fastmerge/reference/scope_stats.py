@@ -19,8 +19,11 @@ def scope_stats(tensors: list[torch.Tensor]) -> torch.Tensor:
             continue
         mean = x.mean()
         std = (x - mean).square().mean().sqrt()
-        rows.append(torch.stack([mean, std, torch.tensor(float(x.numel()), dtype=torch.float64,
-                                                         device=device)]))
+        rows.append(
+            torch.stack(
+                [mean, std, torch.tensor(float(x.numel()), dtype=torch.float64, device=device)]
+            )
+        )
     if not rows:
         return torch.empty((3, 0), dtype=torch.float64, device=device)
     return torch.stack(rows, dim=1)

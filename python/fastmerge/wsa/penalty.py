@@ -85,8 +85,7 @@ def _target_tensors(
         mean, std = target
     else:
         raise TypeError(
-            "target must be a ScopeStats or a (mean, std) pair, got "
-            f"{type(target).__name__}"
+            f"target must be a ScopeStats or a (mean, std) pair, got {type(target).__name__}"
         )
     mean = torch.as_tensor(mean, dtype=torch.float64).to(device).reshape(-1)
     std = torch.as_tensor(std, dtype=torch.float64).to(device).reshape(-1)
@@ -119,9 +118,7 @@ class _WSAPenalty(torch.autograd.Function):
         ctx.coefficients = (stats.mean, d_mean * scale / n, beta)
         ctx.backend = backend
         ctx.save_for_backward(*tensors)
-        out_dtype = torch.promote_types(
-            torch.float32, _common_dtype([t.dtype for t in tensors])
-        )
+        out_dtype = torch.promote_types(torch.float32, _common_dtype([t.dtype for t in tensors]))
         return (value.sum() * scale).to(out_dtype)
 
     @staticmethod

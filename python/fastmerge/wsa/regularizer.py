@@ -29,7 +29,8 @@ class WeightScopeRegularizer(nn.Module):
 
     Example:
         >>> import torch, fastmerge
-        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
         >>> reg = fastmerge.wsa.WeightScopeRegularizer(model, "init", strength=0.1)
         >>> loss = model(torch.randn(5, 8)).square().mean() + reg()
         >>> loss.backward()
@@ -66,11 +67,19 @@ class WeightScopeRegularizer(nn.Module):
         """Replace the target scope (same forms as the constructor's `target`)."""
         if isinstance(target, str):
             if target != "init":
-                raise ValueError(f"target must be a ScopeStats, a (mean, std) pair or 'init', got {target!r}")
+                raise ValueError(
+                    f"target must be a ScopeStats, a (mean, std) pair or 'init', got {target!r}"
+                )
             target = scope_of(self.module, self.include)
         if isinstance(target, ScopeStats):
-            if target.names is not None and len(target) == len(self.names) and target.names != self.names:
-                raise ValueError("target scope describes other parameters than the module's (names differ)")
+            if (
+                target.names is not None
+                and len(target) == len(self.names)
+                and target.names != self.names
+            ):
+                raise ValueError(
+                    "target scope describes other parameters than the module's (names differ)"
+                )
             mean, std = target.mean, target.std
         else:
             mean, std = target

@@ -36,7 +36,8 @@ def scoped_parameters(
     ``module.named_modules()`` order (shared parameters once).
 
     Example:
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> [name for name, _ in scoped_parameters(model)]
         ['0.weight', '2.weight']
     """
@@ -112,7 +113,9 @@ def fuse_scopes(
         if len(scope) != len(first):
             raise ValueError(f"scopes[{k}] has {len(scope)} entries, scopes[0] has {len(first)}")
         if scope.names is not None and first.names is not None and scope.names != first.names:
-            raise ValueError(f"scopes[{k}] describes other parameters than scopes[0] (names differ)")
+            raise ValueError(
+                f"scopes[{k}] describes other parameters than scopes[0] (names differ)"
+            )
     p = _fusion_weights(weights, len(scopes), first.mean.device)
     mean = torch.stack([s.mean.to(first.mean.device) for s in scopes])
     var = torch.stack([s.var.to(first.mean.device) for s in scopes])
