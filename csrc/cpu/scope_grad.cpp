@@ -12,7 +12,7 @@ namespace fastmerge::cpu {
 namespace {
 
 constexpr int64_t kChunkSize = 1 << 16;
-constexpr int64_t kMinElementsPerThread = 1 << 15;
+constexpr int64_t kMinElementsPerThread = 1 << 18;
 
 // Half-precision and float32 tensors compute in float32 (E::compute); float64 in double.
 template <int32_t DT>

@@ -15,8 +15,9 @@ namespace {
 // Elements per chunk: 256 KiB of float32, small enough to balance two threads on a
 // 25M-parameter model and large enough that per-chunk overhead is invisible.
 constexpr int64_t kChunkSize = 1 << 16;
-// Below this many elements a second thread costs more than it saves.
-constexpr int64_t kMinElementsPerThread = 1 << 15;
+// Below this many elements per thread (1 MiB of float32) waking a second thread
+// costs more, and varies more, than the work it takes over.
+constexpr int64_t kMinElementsPerThread = 1 << 18;
 
 // Shifted sums over one chunk in double. `omp simd reduction` (-fopenmp-simd, no
 // OpenMP runtime) lets the compiler keep vector accumulators, which plain -O3 may not

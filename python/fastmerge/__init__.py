@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-from . import backends, ops, wsa
+from . import backends, cli, ops, wsa  # noqa: F401  (cli: `fastmerge.cli.main`)
 from ._version import __version__
 from .backends import BackendUnavailableError
 from .ops import scope_stats

@@ -44,7 +44,7 @@ def scope_stats(tensors: Sequence[TensorLike], *, backend: Optional[str] = None)
         >>> stats.count.tolist()
         [12.0, 3.0]
     """
-    table = _cpu_fast_path(tensors) if backend is None else None
+    table = _cpu_fast_path(tensors, backend) if backend in (None, "cpu") else None
     if table is None:
         ts = as_tensor_list(tensors, "tensors")
         if not ts:
@@ -56,13 +56,13 @@ def scope_stats(tensors: Sequence[TensorLike], *, backend: Optional[str] = None)
     return ScopeStats(table[0], table[1], table[2])
 
 
-def _cpu_fast_path(tensors: Sequence[TensorLike]) -> Optional[torch.Tensor]:
+def _cpu_fast_path(tensors: Sequence[TensorLike], backend: Optional[str]) -> Optional[torch.Tensor]:
     """The common case, a list of contiguous CPU torch tensors, with the per-tensor
     checks done in C++ (they dominate for thousands of small tensors). Returns None
     whenever anything needs the general path, which then validates and reports."""
     if type(tensors) is not list or not tensors or type(tensors[0]) not in _TENSOR_TYPES:
         return None
-    if backends.resolve_backend(None, tensors[0].device) != "cpu":
+    if backends.resolve_backend(backend, tensors[0].device) != "cpu":
         return None
     out = torch.empty((3, len(tensors)), dtype=torch.float64)
     bad = backends.cpu_extension().scope_stats_tensors(tensors, KERNEL_DTYPE_CODES, out.data_ptr())
