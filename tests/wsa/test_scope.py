@@ -96,12 +96,12 @@ def test_regularizer_value_and_training_pulls_scope_to_target():
     reg = WeightScopeRegularizer(model, target, strength=0.5)
     torch.testing.assert_close(reg(), 0.5 * fastmerge.wsa_penalty(params, target))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    before = float(reg())
+    before = reg().item()
     for _ in range(20):
         optimizer.zero_grad()
         reg().backward()
         optimizer.step()
-    assert float(reg()) < before
+    assert reg().item() < before
     # The module is not re-registered: only the target buffers are state.
     assert set(reg.state_dict()) == {"target_mean", "target_std"}
     assert list(reg.parameters()) == []
@@ -109,7 +109,7 @@ def test_regularizer_value_and_training_pulls_scope_to_target():
 
 def test_regularizer_init_target_starts_at_zero():
     reg = WeightScopeRegularizer(_model(), "init", strength=1.0)
-    assert abs(float(reg())) < 1e-6
+    assert abs(reg().item()) < 1e-6
 
 
 def test_regularizer_bad_input():
