@@ -1,0 +1,38 @@
+"""Every example in a public docstring runs and prints what it says."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+import fastmerge
+
+MODULES = [
+    "fastmerge",
+    "fastmerge._chunks",
+    "fastmerge.stats",
+    "fastmerge.ops.scope_stats",
+    "fastmerge.ops.scope_grad",
+    "fastmerge.wsa.penalty",
+    "fastmerge.wsa.scope",
+    "fastmerge.wsa.regularizer",
+    "fastmerge.cli.info",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    globs = {"torch": torch, "fastmerge": fastmerge, "np": np}
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    tests = finder.find(module, name, globs=dict(vars(module), **globs))
+    assert tests, f"{name} has no docstring examples"
+    for test in tests:
+        runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"
