@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from conftest import WORKLOADS, devices, fastmerge_backends, load_workload, run_benchmark
+from conftest import WORKLOADS, devices, fastmerge_backends, label, load_workload, run_benchmark
 
 import fastmerge
 
@@ -48,14 +48,5 @@ CASES = [
 @pytest.mark.parametrize(("workload", "device", "provider"), CASES)
 def bench_scope_stats(benchmark: Any, workload: str, device: str, provider: str) -> None:
     wl = load_workload(workload, device)
-    benchmark.group = f"scope_stats-{workload}" + ("" if device == "cpu" else f"-{device}")
-    benchmark.extra_info.update(
-        op="scope_stats",
-        workload=workload,
-        device=device,
-        provider=provider,
-        tensors=len(wl.tensors),
-        numel=wl.numel,
-        bytes=wl.nbytes,
-    )
+    label(benchmark, "scope_stats", wl, device, provider)
     run_benchmark(benchmark, _peer(provider, list(wl.tensors)), device)

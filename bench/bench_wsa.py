@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from conftest import devices, fastmerge_backends, load_workload, run_benchmark
+from conftest import devices, fastmerge_backends, label, load_workload, run_benchmark
 
 import fastmerge
 
@@ -63,14 +63,5 @@ def bench_wsa_penalty(benchmark: Any, device: str, provider: str) -> None:
     loop_value = kl_loop(params, TARGET).item()
     fm_value = fastmerge.wsa_penalty(params, TARGET).item()
     assert math.isclose(loop_value, fm_value, rel_tol=1e-4), (loop_value, fm_value)
-    benchmark.group = f"wsa_penalty-{WORKLOAD}" + ("" if device == "cpu" else f"-{device}")
-    benchmark.extra_info.update(
-        op="wsa_penalty",
-        workload=WORKLOAD,
-        device=device,
-        provider=provider,
-        tensors=len(params),
-        numel=wl.numel,
-        bytes=wl.nbytes,
-    )
+    label(benchmark, "wsa_penalty", wl, device, provider)
     run_benchmark(benchmark, _peer(provider, params), device, min_rounds=MIN_ROUNDS)

@@ -158,6 +158,21 @@ def machine_description() -> dict[str, Any]:
     return desc
 
 
+def label(benchmark: Any, op: str, workload: Workload, device: str, provider: str) -> None:
+    """Name the benchmark's group (``<op>-<workload>[-<device>]``) and record the columns
+    that the report needs in its extra_info."""
+    benchmark.group = f"{op}-{workload.name}" + ("" if device == "cpu" else f"-{device}")
+    benchmark.extra_info.update(
+        op=op,
+        workload=workload.name,
+        device=device,
+        provider=provider,
+        tensors=len(workload.tensors),
+        numel=workload.numel,
+        bytes=workload.nbytes,
+    )
+
+
 def run_benchmark(
     benchmark: Any, fn: Callable[[], object], device: str, min_rounds: int = MIN_ROUNDS
 ) -> object:
