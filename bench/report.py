@@ -41,6 +41,10 @@ COLUMNS = (
     "machine",
     "version",
 )
+# A pseudo-provider: the fastest provider of the group that is not fastmerge.
+FASTEST_PEER = "@fastest-peer"
+# Anchors whose ratio compares FLOP rates (extra_info "flops" / median), not medians.
+FLOP_RATE_ANCHORS = {"torch.matmul"}
 # Default anchors per op: (provider, column header).
 DEFAULT_ANCHORS: dict[str, list[tuple[str, str]]] = {
     "scope_stats": [
@@ -48,6 +52,11 @@ DEFAULT_ANCHORS: dict[str, list[tuple[str, str]]] = {
         ("torch.sum-flat", "fraction of torch.sum bytes/s"),
     ],
     "wsa_penalty": [("autograd-loop", "speed-up vs autograd loop")],
+    "feature_stats": [
+        ("torch.matmul", "fraction of torch.matmul FLOP/s"),
+        ("torch.corrcoef-concat", "speed-up vs torch.corrcoef"),
+    ],
+    "linear_assignment": [(FASTEST_PEER, "fastest peer median / median")],
 }
 
 
@@ -65,6 +74,7 @@ class Result:
     lo: float  # p20, or q1 when the per-round data is missing
     hi: float  # p80, or q3
     exact_quantiles: bool  # True: lo/hi are p20/p80 from the data
+    flops: Optional[float] = None  # floating-point operations of one call, if recorded
 
 
 def fmt(value: float, digits: int) -> str:
@@ -95,6 +105,7 @@ def load_results(raw: dict[str, Any]) -> list[Result]:
                 lo=lo * 1e3,
                 hi=hi * 1e3,
                 exact_quantiles=bool(data),
+                flops=info.get("flops"),
             )
         )
     return results
@@ -126,18 +137,32 @@ def anchors_for(op: str, cli_anchors: Optional[list[str]]) -> list[tuple[str, st
 def group_table(results: list[Result], anchors: list[tuple[str, str]]) -> str:
     """A markdown table of one group, fastest first, with a ratio column per anchor."""
     by_provider = {r.provider: r for r in results}
+    peers = [r for r in results if not r.provider.startswith("fastmerge")]
+    if peers:
+        by_provider[FASTEST_PEER] = min(peers, key=lambda r: r.median)
     anchors = [(p, h) for p, h in anchors if p in by_provider]
     exact = all(r.exact_quantiles for r in results)
     lo, hi = ("p20", "p80") if exact else ("p25 (q1)", "p75 (q3)")
     header = ["provider", "median (ms)", f"{lo} (ms)", f"{hi} (ms)", "GB/s"]
+    with_flops = any(r.flops for r in results)
+    header += ["GFLOP/s"] if with_flops else []
     header += [h for _, h in anchors]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(results, key=lambda r: r.median):
         gbps = fmt(r.nbytes / (r.median * 1e-3) / 1e9, 3) if r.nbytes else ""
         cells = [f"`{r.provider}`", fmt(r.median, 4), fmt(r.lo, 4), fmt(r.hi, 4), gbps]
-        cells += [fmt(by_provider[p].median / r.median, 3) for p, _ in anchors]
+        if with_flops:
+            cells.append(fmt(r.flops / (r.median * 1e-3) / 1e9, 3) if r.flops else "")
+        cells += [_ratio(by_provider[p], r, p in FLOP_RATE_ANCHORS) for p, _ in anchors]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _ratio(anchor: Result, r: Result, flop_rate: bool) -> str:
+    """anchor median / r's median; with flop_rate, r's FLOP/s over the anchor's."""
+    if flop_rate and anchor.flops and r.flops:
+        return fmt((r.flops / r.median) / (anchor.flops / anchor.median), 3)
+    return fmt(anchor.median / r.median, 3)
 
 
 def rows(results: list[Result], machine_info: dict[str, Any]) -> list[dict[str, Any]]:
@@ -183,6 +208,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         "GB/s is the input tensors' bytes over the median time. Ratios are the anchor's median",
         "over the provider's median (above 1: faster than the anchor).",
     ]
+    if any(r.flops for r in results):
+        sections[-1] += (
+            " GFLOP/s is the benchmark's recorded FLOPs over the median time; a FLOP/s ratio is"
+            " the provider's GFLOP/s over the anchor's."
+        )
     for group in sorted({r.group for r in results}):
         members = [r for r in results if r.group == group]
         anchors = anchors_for(members[0].op, args.anchor)

@@ -11,6 +11,9 @@
 #include <string>
 #include <vector>
 
+#include "../cpu/feature_center.h"
+#include "../cpu/feature_cost.h"
+#include "../cpu/linear_assignment.h"
 #include "../cpu/scope_grad.h"
 #include "../cpu/scope_stats.h"
 #include "fastmerge/parallel.h"
@@ -130,6 +133,59 @@ PYBIND11_MODULE(_C, m) {
   m.def("scope_grad", &scope_grad, py::arg("x"), py::arg("out"), py::arg("numels"),
         py::arg("dtypes"), py::arg("coefficients"),
         "out_t = alpha_t + beta_t * (x_t - mean_t); coefficients: float64 rows mean, alpha, beta.");
+  m.def(
+      "linear_assignment",
+      [](uintptr_t cost, bool is_float32, int64_t batch, int64_t rows, int64_t cols,
+         bool maximize, bool generic, uintptr_t row_out, uintptr_t col_out, uintptr_t status) {
+        auto* codes = reinterpret_cast<int32_t*>(status);
+        {
+          py::gil_scoped_release release;
+          fastmerge::cpu::linear_assignment(
+              reinterpret_cast<const void*>(cost), is_float32, batch, rows, cols, maximize,
+              generic, reinterpret_cast<int64_t*>(row_out), reinterpret_cast<int64_t*>(col_out),
+              codes);
+        }
+        for (int64_t b = 0; b < batch; ++b) {
+          if (codes[b] != 0) return b;
+        }
+        return int64_t{-1};
+      },
+      py::arg("cost"), py::arg("is_float32"), py::arg("batch"), py::arg("rows"), py::arg("cols"),
+      py::arg("maximize"), py::arg("generic"), py::arg("row_out"), py::arg("col_out"), py::arg("status"),
+      "Solve batch x rows x cols float32/float64 assignment problems (in float64); status 0 "
+      "ok, 1 infeasible, 2 invalid entry. Returns the first problem that failed, or -1.");
+  m.def(
+      "feature_center",
+      [](uintptr_t x, int32_t dtype, int64_t rows, int64_t cols, int64_t x_row_stride,
+         uintptr_t shift, uintptr_t out, int32_t out_dtype, int64_t out_row_stride,
+         uintptr_t sums) {
+        py::gil_scoped_release release;
+        fastmerge::cpu::feature_center(reinterpret_cast<const void*>(x), dtype, rows, cols,
+                                       x_row_stride, reinterpret_cast<const double*>(shift),
+                                       reinterpret_cast<void*>(out), out_dtype, out_row_stride,
+                                       reinterpret_cast<double*>(sums));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("x_row_stride"),
+      py::arg("shift"), py::arg("out"), py::arg("out_dtype"), py::arg("out_row_stride"),
+      py::arg("sums"),
+      "out = x - shift in out_dtype (float32/float64 code); sums: float64 2 x cols, the column "
+      "sums of out and of out**2.");
+  m.def(
+      "feature_cost",
+      [](uintptr_t cross, int64_t rows, int64_t cols, uintptr_t sum_a, uintptr_t sum_b,
+         uintptr_t sumsq_a, uintptr_t sumsq_b, uintptr_t shift_a, uintptr_t shift_b,
+         double count, int32_t kind, uintptr_t out) {
+        auto f64 = [](uintptr_t p) { return reinterpret_cast<const double*>(p); };
+        py::gil_scoped_release release;
+        fastmerge::cpu::feature_cost(f64(cross), rows, cols, f64(sum_a), f64(sum_b),
+                                     f64(sumsq_a), f64(sumsq_b), f64(shift_a), f64(shift_b),
+                                     count, kind, reinterpret_cast<double*>(out));
+      },
+      py::arg("cross"), py::arg("rows"), py::arg("cols"), py::arg("sum_a"), py::arg("sum_b"),
+      py::arg("sumsq_a"), py::arg("sumsq_b"), py::arg("shift_a"), py::arg("shift_b"),
+      py::arg("count"), py::arg("kind"), py::arg("out"),
+      "float64 rows x cols feature cost (kind 0 covariance, 1 correlation, 2 inner product, "
+      "3 negative squared distance) from shifted moments.");
   m.def("set_num_threads", &fastmerge::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &fastmerge::get_num_threads);
 }

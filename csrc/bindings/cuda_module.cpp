@@ -52,6 +52,48 @@ PYBIND11_MODULE(_cuda, m) {
       },
       py::arg("tensor_table"), py::arg("num_tensors"), py::arg("chunk_table"),
       py::arg("num_chunks"), py::arg("coefficients"), py::arg("stream"));
+  m.def(
+      "linear_assignment",
+      [](uintptr_t cost, int64_t batch, int64_t rows, int64_t cols, uintptr_t dual,
+         uintptr_t index_work, uintptr_t flags, uintptr_t col4row, uintptr_t status,
+         uintptr_t stream) {
+        py::gil_scoped_release release;
+        fastmerge::cuda::linear_assignment(ptr<const double>(cost), batch, rows, cols,
+                                           ptr<double>(dual), ptr<int64_t>(index_work),
+                                           ptr<uint8_t>(flags), ptr<int64_t>(col4row),
+                                           ptr<int32_t>(status), stream);
+      },
+      py::arg("cost"), py::arg("batch"), py::arg("rows"), py::arg("cols"), py::arg("dual"),
+      py::arg("index_work"), py::arg("flags"), py::arg("col4row"), py::arg("status"),
+      py::arg("stream"));
+  m.def(
+      "feature_center",
+      [](uintptr_t x, int32_t dtype, int64_t rows, int64_t cols, int64_t x_row_stride,
+         uintptr_t shift, uintptr_t out, int32_t out_dtype, int64_t out_row_stride,
+         int64_t splits, uintptr_t partials, uintptr_t stream) {
+        py::gil_scoped_release release;
+        fastmerge::cuda::feature_center(ptr<const void>(x), dtype, rows, cols, x_row_stride,
+                                        ptr<const double>(shift), ptr<void>(out), out_dtype,
+                                        out_row_stride, splits, ptr<double>(partials), stream);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("x_row_stride"),
+      py::arg("shift"), py::arg("out"), py::arg("out_dtype"), py::arg("out_row_stride"),
+      py::arg("splits"), py::arg("partials"), py::arg("stream"));
+  m.def(
+      "feature_cost",
+      [](uintptr_t cross, int64_t rows, int64_t cols, uintptr_t sum_a, uintptr_t sum_b,
+         uintptr_t sumsq_a, uintptr_t sumsq_b, uintptr_t shift_a, uintptr_t shift_b,
+         double count, int32_t kind, uintptr_t out, uintptr_t stream) {
+        py::gil_scoped_release release;
+        fastmerge::cuda::feature_cost(ptr<const double>(cross), rows, cols,
+                                      ptr<const double>(sum_a), ptr<const double>(sum_b),
+                                      ptr<const double>(sumsq_a), ptr<const double>(sumsq_b),
+                                      ptr<const double>(shift_a), ptr<const double>(shift_b),
+                                      count, kind, ptr<double>(out), stream);
+      },
+      py::arg("cross"), py::arg("rows"), py::arg("cols"), py::arg("sum_a"), py::arg("sum_b"),
+      py::arg("sumsq_a"), py::arg("sumsq_b"), py::arg("shift_a"), py::arg("shift_b"),
+      py::arg("count"), py::arg("kind"), py::arg("out"), py::arg("stream"));
   m.def("device_count", &fastmerge::cuda::device_count);
   m.attr("compiled_archs") = FASTMERGE_CUDA_ARCHS;
 }

@@ -4,6 +4,7 @@ Primitives (each with reference, cpu, cuda and triton backends):
 
 * :func:`scope_stats` — fused per-tensor mean/std/count over a list of tensors.
 * :func:`wsa_penalty` — the Weight Scope Alignment penalty with a fused backward.
+* :class:`FeatureStats` — mergeable feature statistics and cost matrices for unit matching.
 
 See ``fastmerge info`` for what is built and usable on this machine.
 
@@ -18,7 +19,8 @@ from __future__ import annotations
 from . import backends, cli, ops, wsa  # noqa: F401  (cli: `fastmerge.cli.main`)
 from ._version import __version__
 from .backends import BackendUnavailableError
-from .ops import scope_stats
+from .features import FeatureStats
+from .ops import linear_assignment, scope_stats
 from .stats import ScopeStats
 from .wsa import wsa_penalty
 
@@ -47,10 +49,12 @@ def get_num_threads() -> int:
 
 __all__ = [
     "BackendUnavailableError",
+    "FeatureStats",
     "ScopeStats",
     "__version__",
     "backends",
     "get_num_threads",
+    "linear_assignment",
     "ops",
     "scope_stats",
     "set_num_threads",

@@ -118,24 +118,30 @@ def _extension_error(loader) -> Optional[str]:
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+def resolve_backend(
+    backend: Optional[str], device: torch.device, implemented: tuple[str, ...] = BACKENDS
+) -> str:
     """Pick the backend for tensors on `device`.
 
     `backend` (or else ``$FASTMERGE_BACKEND``) names one explicitly; it must be usable or
     :class:`BackendUnavailableError` is raised. Otherwise the first usable backend of the
-    device's order is returned.
+    device's order is returned. `implemented` lists the backends the op has.
     """
     requested = backend or os.environ.get(ENV_BACKEND) or None
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
-        reason = unavailable_reason(requested, device)
+        reason = (
+            unavailable_reason(requested, device)
+            if requested in implemented
+            else f"this op has no {requested} backend (it has {', '.join(implemented)})"
+        )
         if reason is not None:
             source = "backend=" if backend else f"${ENV_BACKEND}="
             raise BackendUnavailableError(f"{source}{requested!r} cannot run: {reason}")
         return requested
     for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-        if unavailable_reason(candidate, device) is None:
+        if candidate in implemented and unavailable_reason(candidate, device) is None:
             return candidate
     return "reference"
 

@@ -1,0 +1,452 @@
+// Batched exact linear assignment on the CPU: Jonker-Volgenant initialization for
+// square problems, then shortest augmenting paths (fastmerge/lap.h) for the rows left.
+//
+// Costs are read as float or double (T) and every distance is computed in double:
+// float -> double is exact, so a float32 matrix is solved exactly as its float64 cast
+// while reading half the bytes (the searches are bound by reading cost rows).
+#include "linear_assignment.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <numeric>
+#include <thread>
+#include <vector>
+
+#include "cpu_loads.h"  // FM_CPU_CLONES
+#include "fastmerge/lap.h"
+#include "fastmerge/parallel.h"
+
+namespace fastmerge::cpu {
+namespace {
+
+constexpr int32_t kSolved = 0;
+constexpr int32_t kInfeasible = 1;
+constexpr int32_t kInvalid = 2;
+
+// Columns per block of the vectorized scan: the best block is found with vector min
+// reductions, and only blocks holding the minimum are searched for its column.
+constexpr int64_t kScanBlock = 64;
+// From this many columns a problem solved alone is searched by all threads: each step
+// then scans enough columns to pay for the three barriers it needs.
+constexpr int64_t kTeamMinColumns = 1536;
+constexpr int kMaxTeam = 64;
+
+// Working memory of one problem; reused across the problems a thread solves.
+template <typename T>
+struct Problem {
+  std::vector<T> cost;  // oriented copy (rows <= cols, minimization), when needed
+  std::vector<double> u, v, shortest, closed_col, block_min;  // block_min: per thread
+  std::vector<int64_t> path, col4row, row4col, free_rows, argmin;
+  std::vector<uint8_t> visited_row;
+
+  lap::Workspace resize(int64_t nr, int64_t nc) {
+    u.assign(nr, 0.0);
+    v.assign(nc, 0.0);
+    shortest.resize(nc);
+    closed_col.resize(nc);
+    block_min.resize(kMaxTeam * ((nc + kScanBlock - 1) / kScanBlock + 1));
+    path.resize(nc);
+    col4row.assign(nr, -1);
+    row4col.assign(nc, -1);
+    visited_row.resize(nr);
+    return lap::Workspace{u.data(),    v.data(),       shortest.data(),    path.data(),
+                          col4row.data(), row4col.data(), visited_row.data(), closed_col.data()};
+  }
+};
+
+// Relaxes columns [b0, b1) through row i and returns their smallest open distance.
+// Branch-free (closed columns carry +inf) so that it vectorizes.
+template <typename T>
+__attribute__((always_inline)) inline double relax_block(const T* row_cost, double base,
+                                                         int64_t i, int64_t b0, int64_t b1,
+                                                         const double* v, const double* closed,
+                                                         double* shortest, int64_t* path) {
+  double block_min = INFINITY;
+#pragma omp simd reduction(min : block_min)
+  for (int64_t j = b0; j < b1; ++j) {
+    const double r = base + static_cast<double>(row_cost[j]) - v[j] + closed[j];
+    const bool improve = r < shortest[j];
+    shortest[j] = improve ? r : shortest[j];
+    path[j] = improve ? i : path[j];
+    const double candidate = shortest[j] + closed[j];
+    block_min = candidate < block_min ? candidate : block_min;
+  }
+  return block_min;
+}
+
+#define FM_RELAX_CLONE(T)                                                                   \
+  FM_CPU_CLONES double relax(const T* row_cost, double base, int64_t i, int64_t b0,         \
+                             int64_t b1, const double* v, const double* closed, double* s, \
+                             int64_t* path) {                                               \
+    return relax_block(row_cost, base, i, b0, b1, v, closed, s, path);                      \
+  }
+FM_RELAX_CLONE(float)
+FM_RELAX_CLONE(double)
+#undef FM_RELAX_CLONE
+
+// A barrier for the threads of one team. They spin (a search step takes microseconds,
+// far less than a futex round trip) and yield after a while, so that a preempted
+// partner on a busy machine does not cost a whole time slice.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int parties) : parties_(parties) {}
+  void wait() {
+    const int generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == parties_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+      if (spins > 4096) std::this_thread::yield();
+    }
+  }
+
+ private:
+  const int parties_;
+  std::atomic<int> arrived_{0};
+  std::atomic<int> generation_{0};
+};
+
+// What the threads of one team share besides the problem's workspace.
+struct TeamLink {
+  explicit TeamLink(int threads) : barrier(threads) {}
+  SpinBarrier barrier;
+  lap::Candidate slots[kMaxTeam];
+};
+
+// The CPU team: one thread, or several threads sharing one large problem, each owning
+// a contiguous range of rows and columns (64-byte aligned, so no false sharing) that it
+// scans with vector instructions.
+struct CpuTeam {
+  int rank;
+  int threads;
+  TeamLink* link;     // nullptr for a team of one
+  double* block_min;  // this thread's scratch, one entry per scan block of its range
+
+  int64_t begin(int64_t n) const { return std::min(n, rank * span(n)); }
+  int64_t end(int64_t n) const { return std::min(n, (rank + 1) * span(n)); }
+  int64_t stride() const { return 1; }
+  bool leader() const { return rank == 0; }
+  void sync() const {
+    if (link != nullptr) link->barrier.wait();
+  }
+
+  lap::Candidate best(const lap::Candidate& mine) const {
+    if (link == nullptr) return mine;
+    link->slots[rank] = mine;
+    sync();
+    lap::Candidate result = link->slots[0];
+    for (int r = 1; r < threads; ++r) {
+      const lap::Candidate& other = link->slots[r];
+      if (other.position >= 0 && (result.position < 0 || lap::better(other, result))) {
+        result = other;
+      }
+    }
+    sync();  // the slots are reused by the next step
+    return result;
+  }
+
+  template <typename T>
+  lap::Candidate scan(const T* row_cost, int64_t i, double u_i, double min_val, int64_t nc,
+                      const lap::Workspace& w) const {
+    return best(scan_range(row_cost, i, min_val - u_i, begin(nc), end(nc), w));
+  }
+
+ private:
+  int64_t span(int64_t n) const {
+    const int64_t per_thread = (n + threads - 1) / threads;
+    return (per_thread + 7) / 8 * 8;
+  }
+
+  // This thread's best candidate in columns [first, last).
+  template <typename T>
+  lap::Candidate scan_range(const T* row_cost, int64_t i, double base, int64_t first,
+                            int64_t last, const lap::Workspace& w) const {
+    double best_value = INFINITY;
+    for (int64_t b0 = first, k = 0; b0 < last; b0 += kScanBlock, ++k) {
+      block_min[k] = relax(row_cost, base, i, b0, std::min(last, b0 + kScanBlock), w.v,
+                           w.closed_col, w.shortest, w.path);
+      best_value = std::min(best_value, block_min[k]);
+    }
+    if (!(best_value < INFINITY)) return lap::Candidate{INFINITY, -1, false};
+    // Prefer a free column among the tied minima: it ends the search at once.
+    int64_t tied = -1;
+    for (int64_t b0 = first, k = 0; b0 < last; b0 += kScanBlock, ++k) {
+      if (block_min[k] != best_value) continue;
+      for (int64_t j = b0; j < std::min(last, b0 + kScanBlock); ++j) {
+        if (w.closed_col[j] != 0.0 || w.shortest[j] != best_value) continue;
+        if (w.row4col[j] == -1) return lap::Candidate{best_value, j, true};
+        if (tied < 0) tied = j;
+      }
+    }
+    return lap::Candidate{best_value, tied, false};
+  }
+};
+
+// Column minima and their rows, scanning the matrix row by row (contiguous reads).
+// Also returns the sum of x - x over the matrix: 0 when every entry is finite, NaN
+// otherwise (checked here because this pass reads the whole matrix anyway).
+template <typename T>
+FM_CPU_CLONES double column_minima(const T* c, int64_t n, double* v, int64_t* argmin) {
+  double probe = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    v[j] = static_cast<double>(c[j]);
+    argmin[j] = 0;
+    probe += v[j] - v[j];
+  }
+  for (int64_t i = 1; i < n; ++i) {
+    const T* row = c + i * n;
+#pragma omp simd reduction(+ : probe)
+    for (int64_t j = 0; j < n; ++j) {
+      const double x = static_cast<double>(row[j]);
+      const bool lower = x < v[j];
+      v[j] = lower ? x : v[j];
+      argmin[j] = lower ? i : argmin[j];
+      probe += x - x;
+    }
+  }
+  return probe;
+}
+
+// min over j in [begin, end) of row[j] - v[j], vectorized.
+template <typename T>
+double min_reduced(const T* row, const double* v, int64_t begin, int64_t end) {
+  double best = INFINITY;
+#pragma omp simd reduction(min : best)
+  for (int64_t j = begin; j < end; ++j) {
+    const double h = static_cast<double>(row[j]) - v[j];
+    best = h < best ? h : best;
+  }
+  return best;
+}
+
+// Column reduction and reduction transfer (JV's first two phases). Afterwards every
+// assigned row's column is a minimum of its reduced costs c[i][j] - v[j]. Returns false,
+// changing nothing else, when an entry is not finite (then the JV start does not apply).
+template <typename T>
+bool column_reduction(const T* c, int64_t n, Problem<T>& p) {
+  p.argmin.resize(n);
+  if (column_minima(c, n, p.v.data(), p.argmin.data()) != 0.0) {
+    std::fill(p.v.begin(), p.v.end(), 0.0);
+    return false;
+  }
+  std::vector<int64_t> matches(n, 0);
+  for (int64_t j = n - 1; j >= 0; --j) {
+    const int64_t i = p.argmin[j];
+    if (++matches[i] == 1) {
+      p.col4row[i] = j;
+      p.row4col[j] = i;
+    }
+  }
+  // A row that is the minimum of exactly one column may lower that column's v by its
+  // second-best reduced cost: the row stays at its minimum and others see more slack.
+  for (int64_t i = 0; i < n; ++i) {
+    if (matches[i] != 1) continue;
+    const int64_t j1 = p.col4row[i];
+    const T* row = c + i * n;
+    const double second = std::min(min_reduced(row, p.v.data(), 0, j1),
+                                   min_reduced(row, p.v.data(), j1 + 1, n));
+    p.v[j1] -= second;
+  }
+  return true;
+}
+
+// Augmenting row reduction (JV's third phase), one pass over the free rows: a free row
+// takes its best column, pushing out the owner, and lowers that column's v by the gap
+// to its second best. On random costs it assigns most rows cheaply. One pass with a
+// budget of 4n row scans measured fastest here; later passes cost more than the
+// augmentations they save.
+template <typename T>
+void augmenting_row_reduction(const T* c, int64_t n, Problem<T>& p) {
+  p.free_rows.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    if (p.col4row[i] == -1) p.free_rows.push_back(i);
+  }
+  const int64_t previous = static_cast<int64_t>(p.free_rows.size());
+  int64_t kept = 0;
+  int64_t k = 0;
+  int64_t budget = 4 * n + 64;
+  while (k < previous && budget-- > 0) {
+    const int64_t i = p.free_rows[k++];
+    const T* row = c + i * n;
+    double u1 = static_cast<double>(row[0]) - p.v[0], u2 = INFINITY;
+    int64_t j1 = 0, j2 = -1;
+    for (int64_t j = 1; j < n; ++j) {
+      const double h = static_cast<double>(row[j]) - p.v[j];
+      if (h < u2) {
+        if (h >= u1) {
+          u2 = h;
+          j2 = j;
+        } else {
+          u2 = u1;
+          u1 = h;
+          j2 = j1;
+          j1 = j;
+        }
+      }
+    }
+    int64_t i0 = p.row4col[j1];
+    const bool strictly_better = u1 < u2;
+    if (strictly_better) {
+      p.v[j1] -= u2 - u1;
+    } else if (i0 >= 0) {
+      j1 = j2;  // a tie: take the second column instead of displacing its owner
+      i0 = p.row4col[j1];
+    }
+    if (i0 >= 0) p.col4row[i0] = -1;
+    p.col4row[i] = j1;
+    p.row4col[j1] = i;
+    if (i0 >= 0) {
+      if (strictly_better) {
+        p.free_rows[--k] = i0;  // retry the displaced row right away
+      } else {
+        p.free_rows[kept++] = i0;
+      }
+    }
+  }
+  while (k < previous) p.free_rows[kept++] = p.free_rows[k++];
+  p.free_rows.resize(kept);
+}
+
+// Row potentials that make every reduced cost >= 0 and zero on the matching.
+template <typename T>
+void row_potentials(const T* c, int64_t n, Problem<T>& p) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* row = c + i * n;
+    if (p.col4row[i] >= 0) {
+      p.u[i] = static_cast<double>(row[p.col4row[i]]) - p.v[p.col4row[i]];
+    } else {
+      double best = INFINITY;
+      for (int64_t j = 0; j < n; ++j) best = std::min(best, static_cast<double>(row[j]) - p.v[j]);
+      p.u[i] = best;
+    }
+  }
+}
+
+// NaN and -inf are invalid entries (+inf is allowed: a forbidden pair).
+template <typename T>
+bool has_invalid_entry(const T* c, int64_t count) {
+  // Fast path: x - x is 0 for finite x and NaN for NaN and +-inf, and the sum of those
+  // vectorizes. Only a matrix with a non-finite entry takes the scalar scan.
+  T probe = 0;
+#pragma omp simd reduction(+ : probe)
+  for (int64_t k = 0; k < count; ++k) probe += c[k] - c[k];
+  if (probe == 0) return false;
+  for (int64_t k = 0; k < count; ++k) {
+    if (std::isnan(c[k]) || c[k] == -INFINITY) return true;
+  }
+  return false;
+}
+
+// The GPU kernel's code path on one thread (for the tests).
+template <typename T>
+int64_t assign_generic(const T* c, int64_t nr, int64_t nc, const lap::Workspace& w) {
+  lap::TeamState state{};
+  return lap::assign_free_rows(lap::SerialTeam{}, state, c, nr, nc, w);
+}
+
+// Assigns the free rows; a large problem solved alone uses a team of `threads`.
+template <typename T>
+int64_t assign(const T* c, int64_t nr, int64_t nc, const lap::Workspace& w, Problem<T>& p,
+               int threads) {
+  lap::TeamState state{};
+  const int64_t blocks = (nc + kScanBlock - 1) / kScanBlock + 1;
+  threads = std::min(threads, kMaxTeam);
+  if (threads <= 1 || nc < kTeamMinColumns) {
+    return lap::assign_free_rows(CpuTeam{0, 1, nullptr, p.block_min.data()}, state, c, nr, nc,
+                                 w);
+  }
+  TeamLink link(threads);
+  std::vector<int64_t> failed(threads);
+  global_pool().run(threads, [&](int rank) {
+    const CpuTeam team{rank, threads, &link, p.block_min.data() + rank * blocks};
+    failed[rank] = lap::assign_free_rows(team, state, c, nr, nc, w);
+  });
+  return failed[0];
+}
+
+// Solves one problem; returns kSolved, kInfeasible or kInvalid.
+template <typename T>
+int32_t solve_one(const T* input, int64_t rows, int64_t cols, bool maximize, bool generic,
+                  int threads, Problem<T>& p, int64_t* row_out, int64_t* col_out) {
+  const bool transpose = rows > cols;
+  const int64_t nr = transpose ? cols : rows;
+  const int64_t nc = transpose ? rows : cols;
+  const T* c = input;
+  if (transpose || maximize) {  // orient as nr <= nc, minimization
+    p.cost.resize(nr * nc);
+    for (int64_t i = 0; i < nr; ++i) {
+      for (int64_t j = 0; j < nc; ++j) {
+        const T x = transpose ? input[j * cols + i] : input[i * cols + j];
+        p.cost[i * nc + j] = maximize ? -x : x;
+      }
+    }
+    c = p.cost.data();
+  }
+  const lap::Workspace w = p.resize(nr, nc);
+  // Square problems start with JV's reductions; its first pass also proves every entry
+  // finite. Otherwise (or when that check fails) look for invalid entries on their own.
+  const bool jv_start = !generic && nr == nc && nr > 1 && column_reduction(c, nr, p);
+  if (jv_start) {
+    augmenting_row_reduction(c, nr, p);
+    row_potentials(c, nr, p);
+  } else if (has_invalid_entry(c, nr * nc)) {
+    return kInvalid;
+  }
+  const int64_t failed = generic ? assign_generic(c, nr, nc, w) : assign(c, nr, nc, w, p, threads);
+  if (failed >= 0) return kInfeasible;
+  if (!transpose) {
+    for (int64_t i = 0; i < nr; ++i) {
+      row_out[i] = i;
+      col_out[i] = p.col4row[i];
+    }
+    return kSolved;
+  }
+  // Transposed: rows of the answer are the columns' matches, reported in row order.
+  std::vector<int64_t> order(nr);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(),
+            [&](int64_t a, int64_t b) { return p.col4row[a] < p.col4row[b]; });
+  for (int64_t k = 0; k < nr; ++k) {
+    row_out[k] = p.col4row[order[k]];
+    col_out[k] = order[k];
+  }
+  return kSolved;
+}
+
+template <typename T>
+void solve_batch(const T* cost, int64_t batch, int64_t rows, int64_t cols, bool maximize,
+                 bool generic, int64_t* row_out, int64_t* col_out, int32_t* status) {
+  const int64_t pairs = std::min(rows, cols);
+  const int64_t per_problem = rows * cols;
+  // Weight each problem by its size so that threads get equal work.
+  std::vector<int64_t> weights(batch + 1);
+  for (int64_t b = 0; b <= batch; ++b) weights[b] = b * std::max<int64_t>(per_problem, 1);
+  // Several problems: one thread each. One problem: the threads share its searches.
+  const int team_threads = batch == 1 ? get_num_threads() : 1;
+  parallel_ranges(batch, weights, 1, [&](int64_t first, int64_t last) {
+    Problem<T> p;
+    for (int64_t b = first; b < last; ++b) {
+      status[b] = solve_one(cost + b * per_problem, rows, cols, maximize, generic, team_threads,
+                            p, row_out + b * pairs, col_out + b * pairs);
+    }
+  });
+}
+
+}  // namespace
+
+void linear_assignment(const void* cost, bool is_float32, int64_t batch, int64_t rows,
+                       int64_t cols, bool maximize, bool generic, int64_t* row_out,
+                       int64_t* col_out, int32_t* status) {
+  if (is_float32) {
+    solve_batch(static_cast<const float*>(cost), batch, rows, cols, maximize, generic, row_out,
+                col_out, status);
+  } else {
+    solve_batch(static_cast<const double*>(cost), batch, rows, cols, maximize, generic, row_out,
+                col_out, status);
+  }
+}
+
+}  // namespace fastmerge::cpu
