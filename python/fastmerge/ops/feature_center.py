@@ -97,10 +97,10 @@ def _run_reference(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> t
     return reference.feature_center(x, shift, out)
 
 
-def _run_cpu(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _native_args(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> list:
+    """The shared leading arguments of the CPU and CUDA kernels (pointers, codes, strides)."""
     rows, cols = x.shape
-    sums = torch.empty((2, cols), dtype=torch.float64)
-    backends.cpu_extension().feature_center(
+    return [
         x.data_ptr(),
         KERNEL_DTYPE_CODES[x.dtype],
         rows,
@@ -110,8 +110,12 @@ def _run_cpu(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.T
         out.data_ptr(),
         KERNEL_DTYPE_CODES[out.dtype],
         out.stride(0),
-        sums.data_ptr(),
-    )
+    ]
+
+
+def _run_cpu(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    sums = torch.empty((2, x.shape[1]), dtype=torch.float64)
+    backends.cpu_extension().feature_center(*_native_args(x, shift, out), sums.data_ptr())
     return sums
 
 
@@ -122,15 +126,7 @@ def _run_cuda(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.
     partials = torch.zeros((splits, 2, cols), dtype=torch.float64, device=device)
     with torch.cuda.device(device):
         backends.cuda_extension().feature_center(
-            x.data_ptr(),
-            KERNEL_DTYPE_CODES[x.dtype],
-            rows,
-            cols,
-            x.stride(0),
-            shift.data_ptr(),
-            out.data_ptr(),
-            KERNEL_DTYPE_CODES[out.dtype],
-            out.stride(0),
+            *_native_args(x, shift, out),
             splits,
             partials.data_ptr(),
             torch.cuda.current_stream(device).cuda_stream,

@@ -119,61 +119,31 @@ def _run_reference(cross: torch.Tensor, *rest) -> torch.Tensor:
     return reference.feature_cost(cross, *rest)
 
 
-def _run_cpu(
-    cross: torch.Tensor,
-    sum_a: torch.Tensor,
-    sum_b: torch.Tensor,
-    sumsq_a: torch.Tensor,
-    sumsq_b: torch.Tensor,
-    shift_a: torch.Tensor,
-    shift_b: torch.Tensor,
-    count: float,
-    kind: str,
-) -> torch.Tensor:
-    out = torch.empty(cross.shape, dtype=torch.float64)
-    backends.cpu_extension().feature_cost(
+def _native_args(cross: torch.Tensor, *rest) -> list:
+    """The shared leading arguments of the CPU and CUDA kernels (pointers, sizes, kind)."""
+    *vectors, count, kind = rest
+    return [
         cross.data_ptr(),
         cross.shape[0],
         cross.shape[1],
-        sum_a.data_ptr(),
-        sum_b.data_ptr(),
-        sumsq_a.data_ptr(),
-        sumsq_b.data_ptr(),
-        shift_a.data_ptr(),
-        shift_b.data_ptr(),
+        *(v.data_ptr() for v in vectors),
         count,
         KINDS[kind],
-        out.data_ptr(),
-    )
+    ]
+
+
+def _run_cpu(cross: torch.Tensor, *rest) -> torch.Tensor:
+    out = torch.empty(cross.shape, dtype=torch.float64)
+    backends.cpu_extension().feature_cost(*_native_args(cross, *rest), out.data_ptr())
     return out
 
 
-def _run_cuda(
-    cross: torch.Tensor,
-    sum_a: torch.Tensor,
-    sum_b: torch.Tensor,
-    sumsq_a: torch.Tensor,
-    sumsq_b: torch.Tensor,
-    shift_a: torch.Tensor,
-    shift_b: torch.Tensor,
-    count: float,
-    kind: str,
-) -> torch.Tensor:
+def _run_cuda(cross: torch.Tensor, *rest) -> torch.Tensor:
     device = cross.device
     out = torch.empty(cross.shape, dtype=torch.float64, device=device)
     with torch.cuda.device(device):
         backends.cuda_extension().feature_cost(
-            cross.data_ptr(),
-            cross.shape[0],
-            cross.shape[1],
-            sum_a.data_ptr(),
-            sum_b.data_ptr(),
-            sumsq_a.data_ptr(),
-            sumsq_b.data_ptr(),
-            shift_a.data_ptr(),
-            shift_b.data_ptr(),
-            count,
-            KINDS[kind],
+            *_native_args(cross, *rest),
             out.data_ptr(),
             torch.cuda.current_stream(device).cuda_stream,
         )
