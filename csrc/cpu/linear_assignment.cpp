@@ -27,8 +27,8 @@ constexpr int32_t kInvalid = 2;
 // Columns per block of the vectorized scan: the best block is found with vector min
 // reductions, and only blocks holding the minimum are searched for its column.
 constexpr int64_t kScanBlock = 64;
-// From this many columns a problem solved alone is searched by all threads: each step
-// then scans enough columns to pay for the three barriers it needs.
+// From this many columns a problem solved alone shares each search step's scan with the
+// other threads: below it, a step is too short to pay for handing out its chunks.
 constexpr int64_t kTeamMinColumns = 1536;
 constexpr int kMaxTeam = 64;
 
@@ -45,7 +45,7 @@ struct Problem {
     v.assign(nc, 0.0);
     shortest.resize(nc);
     closed_col.resize(nc);
-    block_min.resize(kMaxTeam * ((nc + kScanBlock - 1) / kScanBlock + 1));
+    block_min.resize(kMaxTeam * ((nc + kScanBlock - 1) / kScanBlock + 1));  // per thread
     path.resize(nc);
     col4row.assign(nr, -1);
     row4col.assign(nc, -1);
@@ -85,103 +85,130 @@ FM_RELAX_CLONE(float)
 FM_RELAX_CLONE(double)
 #undef FM_RELAX_CLONE
 
-// A barrier for the threads of one team. They spin (a search step takes microseconds,
-// far less than a futex round trip) and yield after a while, so that a preempted
-// partner on a busy machine does not cost a whole time slice.
-class SpinBarrier {
+// This thread's best candidate in columns [first, last): relax them through row i and
+// prefer a free column among the tied minima (it ends the search at once).
+template <typename T>
+lap::Candidate scan_range(const T* row_cost, int64_t i, double base, int64_t first,
+                          int64_t last, const lap::Workspace& w, double* block_min) {
+  double best_value = INFINITY;
+  for (int64_t b0 = first, k = 0; b0 < last; b0 += kScanBlock, ++k) {
+    block_min[k] = relax(row_cost, base, i, b0, std::min(last, b0 + kScanBlock), w.v,
+                         w.closed_col, w.shortest, w.path);
+    best_value = std::min(best_value, block_min[k]);
+  }
+  if (!(best_value < INFINITY)) return lap::Candidate{INFINITY, -1, false};
+  int64_t tied = -1;
+  for (int64_t b0 = first, k = 0; b0 < last; b0 += kScanBlock, ++k) {
+    if (block_min[k] != best_value) continue;
+    for (int64_t j = b0; j < std::min(last, b0 + kScanBlock); ++j) {
+      if (w.closed_col[j] != 0.0 || w.shortest[j] != best_value) continue;
+      if (w.row4col[j] == -1) return lap::Candidate{best_value, j, true};
+      if (tied < 0) tied = j;
+    }
+  }
+  return lap::Candidate{best_value, tied, false};
+}
+
+lap::Candidate better_of(const lap::Candidate& a, const lap::Candidate& b) {
+  if (b.position < 0) return a;
+  if (a.position < 0) return b;
+  return lap::better(b, a) ? b : a;
+}
+
+// Helper threads that scan column chunks for one leader's search steps.
+//
+// The leader runs the whole search (lap.h with a team of one). Each step it publishes
+// the row to relax through and the chunks become claimable; every thread, the leader
+// included, claims chunks until none are left, and the leader then waits only for
+// chunks a helper has actually claimed. A helper that is descheduled (a busy machine)
+// therefore never stalls a step: the leader just scans more chunks itself. A barrier
+// between the threads, by contrast, made a contended 1024 x 1024 problem 3-5x slower.
+template <typename T>
+class ScanCrew {
  public:
-  explicit SpinBarrier(int parties) : parties_(parties) {}
-  void wait() {
-    const int generation = generation_.load(std::memory_order_acquire);
-    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == parties_ - 1) {
-      arrived_.store(0, std::memory_order_relaxed);
-      generation_.fetch_add(1, std::memory_order_release);
-      return;
+  static constexpr int kChunks = 8;
+
+  ScanCrew(int64_t nc, const lap::Workspace& w, double* scratch)
+      : nc_(nc), w_(w), scratch_(scratch), blocks_per_chunk_(chunk_columns(nc) / kScanBlock) {}
+
+  // The leader: one search step over all columns.
+  lap::Candidate scan(const T* row_cost, int64_t i, double base) {
+    row_cost_ = row_cost;
+    row_ = i;
+    base_ = base;
+    done_.store(0, std::memory_order_relaxed);
+    next_.store(0, std::memory_order_release);  // publishes the step to claimers
+    generation_.fetch_add(1, std::memory_order_release);
+    work(0);
+    while (done_.load(std::memory_order_acquire) < kChunks) {
     }
-    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
-      if (spins > 4096) std::this_thread::yield();
+    lap::Candidate best{INFINITY, -1, false};
+    for (const auto& slot : slots_) best = better_of(best, slot);
+    return best;
+  }
+
+  // A helper (rank >= 1): serve steps until the leader says stop.
+  void serve(int rank) {
+    int64_t seen = 0;
+    for (int spins = 0;;) {
+      if (stop_.load(std::memory_order_acquire)) return;
+      const int64_t generation = generation_.load(std::memory_order_acquire);
+      if (generation == seen) {
+        if (++spins > 2048) std::this_thread::yield();
+        continue;
+      }
+      seen = generation;
+      spins = 0;
+      work(rank);
     }
   }
+
+  void stop() { stop_.store(true, std::memory_order_release); }
 
  private:
-  const int parties_;
-  std::atomic<int> arrived_{0};
-  std::atomic<int> generation_{0};
-};
-
-// What the threads of one team share besides the problem's workspace.
-struct TeamLink {
-  explicit TeamLink(int threads) : barrier(threads) {}
-  SpinBarrier barrier;
-  lap::Candidate slots[kMaxTeam];
-};
-
-// The CPU team: one thread, or several threads sharing one large problem, each owning
-// a contiguous range of rows and columns (64-byte aligned, so no false sharing) that it
-// scans with vector instructions.
-struct CpuTeam {
-  int rank;
-  int threads;
-  TeamLink* link;     // nullptr for a team of one
-  double* block_min;  // this thread's scratch, one entry per scan block of its range
-
-  int64_t begin(int64_t n) const { return std::min(n, rank * span(n)); }
-  int64_t end(int64_t n) const { return std::min(n, (rank + 1) * span(n)); }
-  int64_t stride() const { return 1; }
-  bool leader() const { return rank == 0; }
-  void sync() const {
-    if (link != nullptr) link->barrier.wait();
+  static int64_t chunk_columns(int64_t nc) {
+    const int64_t per_chunk = (nc + kChunks - 1) / kChunks;
+    return (per_chunk + kScanBlock - 1) / kScanBlock * kScanBlock;
   }
 
-  lap::Candidate best(const lap::Candidate& mine) const {
-    if (link == nullptr) return mine;
-    link->slots[rank] = mine;
-    sync();
-    lap::Candidate result = link->slots[0];
-    for (int r = 1; r < threads; ++r) {
-      const lap::Candidate& other = link->slots[r];
-      if (other.position >= 0 && (result.position < 0 || lap::better(other, result))) {
-        result = other;
-      }
+  void work(int rank) {
+    double* block_min = scratch_ + rank * (blocks_per_chunk_ + 1);
+    for (;;) {
+      const int c = next_.fetch_add(1, std::memory_order_acq_rel);
+      if (c >= kChunks) return;
+      const int64_t first = std::min(nc_, c * blocks_per_chunk_ * kScanBlock);
+      const int64_t last = std::min(nc_, first + blocks_per_chunk_ * kScanBlock);
+      slots_[c] = scan_range(row_cost_, row_, base_, first, last, w_, block_min);
+      done_.fetch_add(1, std::memory_order_release);
     }
-    sync();  // the slots are reused by the next step
-    return result;
   }
 
-  template <typename T>
-  lap::Candidate scan(const T* row_cost, int64_t i, double u_i, double min_val, int64_t nc,
+  const int64_t nc_;
+  const lap::Workspace w_;
+  double* const scratch_;
+  const int64_t blocks_per_chunk_;
+  const T* row_cost_ = nullptr;
+  int64_t row_ = 0;
+  double base_ = 0.0;
+  lap::Candidate slots_[kChunks];
+  std::atomic<int64_t> generation_{0};
+  std::atomic<int> next_{kChunks};
+  std::atomic<int> done_{0};
+  std::atomic<bool> stop_{false};
+};
+
+// The CPU's team for lap.h: one thread (the leader), with a vectorized scan that a
+// ScanCrew may share out to helper threads.
+template <typename T>
+struct CpuTeam : lap::SerialTeam {
+  ScanCrew<T>* crew;  // nullptr: scan alone
+  double* block_min;  // scratch for scanning alone
+
+  template <typename U>
+  lap::Candidate scan(const U* row_cost, int64_t i, double u_i, double min_val, int64_t nc,
                       const lap::Workspace& w) const {
-    return best(scan_range(row_cost, i, min_val - u_i, begin(nc), end(nc), w));
-  }
-
- private:
-  int64_t span(int64_t n) const {
-    const int64_t per_thread = (n + threads - 1) / threads;
-    return (per_thread + 7) / 8 * 8;
-  }
-
-  // This thread's best candidate in columns [first, last).
-  template <typename T>
-  lap::Candidate scan_range(const T* row_cost, int64_t i, double base, int64_t first,
-                            int64_t last, const lap::Workspace& w) const {
-    double best_value = INFINITY;
-    for (int64_t b0 = first, k = 0; b0 < last; b0 += kScanBlock, ++k) {
-      block_min[k] = relax(row_cost, base, i, b0, std::min(last, b0 + kScanBlock), w.v,
-                           w.closed_col, w.shortest, w.path);
-      best_value = std::min(best_value, block_min[k]);
-    }
-    if (!(best_value < INFINITY)) return lap::Candidate{INFINITY, -1, false};
-    // Prefer a free column among the tied minima: it ends the search at once.
-    int64_t tied = -1;
-    for (int64_t b0 = first, k = 0; b0 < last; b0 += kScanBlock, ++k) {
-      if (block_min[k] != best_value) continue;
-      for (int64_t j = b0; j < std::min(last, b0 + kScanBlock); ++j) {
-        if (w.closed_col[j] != 0.0 || w.shortest[j] != best_value) continue;
-        if (w.row4col[j] == -1) return lap::Candidate{best_value, j, true};
-        if (tied < 0) tied = j;
-      }
-    }
-    return lap::Candidate{best_value, tied, false};
+    if (crew != nullptr) return crew->scan(row_cost, i, min_val - u_i);
+    return scan_range(row_cost, i, min_val - u_i, 0, nc, w, block_min);
   }
 };
 
@@ -347,24 +374,27 @@ int64_t assign_generic(const T* c, int64_t nr, int64_t nc, const lap::Workspace&
   return lap::assign_free_rows(lap::SerialTeam{}, state, c, nr, nc, w);
 }
 
-// Assigns the free rows; a large problem solved alone uses a team of `threads`.
+// Assigns the free rows; a large problem solved alone shares its scans with helpers.
 template <typename T>
 int64_t assign(const T* c, int64_t nr, int64_t nc, const lap::Workspace& w, Problem<T>& p,
                int threads) {
   lap::TeamState state{};
-  const int64_t blocks = (nc + kScanBlock - 1) / kScanBlock + 1;
   threads = std::min(threads, kMaxTeam);
   if (threads <= 1 || nc < kTeamMinColumns) {
-    return lap::assign_free_rows(CpuTeam{0, 1, nullptr, p.block_min.data()}, state, c, nr, nc,
+    return lap::assign_free_rows(CpuTeam<T>{{}, nullptr, p.block_min.data()}, state, c, nr, nc,
                                  w);
   }
-  TeamLink link(threads);
-  std::vector<int64_t> failed(threads);
+  ScanCrew<T> crew(nc, w, p.block_min.data());
+  int64_t failed = -1;
   global_pool().run(threads, [&](int rank) {
-    const CpuTeam team{rank, threads, &link, p.block_min.data() + rank * blocks};
-    failed[rank] = lap::assign_free_rows(team, state, c, nr, nc, w);
+    if (rank > 0) {
+      crew.serve(rank);
+      return;
+    }
+    failed = lap::assign_free_rows(CpuTeam<T>{{}, &crew, nullptr}, state, c, nr, nc, w);
+    crew.stop();
   });
-  return failed[0];
+  return failed;
 }
 
 // Solves one problem; returns kSolved, kInfeasible or kInvalid.
