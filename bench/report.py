@@ -57,6 +57,7 @@ DEFAULT_ANCHORS: dict[str, list[tuple[str, str]]] = {
         ("torch.corrcoef-concat", "speed-up vs torch.corrcoef"),
     ],
     "linear_assignment": [(FASTEST_PEER, "fastest peer median / median")],
+    "least_squares": [("torch.linalg.lstsq", "speed-up vs torch.linalg.lstsq")],
 }
 
 

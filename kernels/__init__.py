@@ -6,7 +6,7 @@ launcher that the op's ``triton`` backend calls. On a CPU-only machine they run 
 every kernel ahead of time for sm_80/sm_90 without a GPU.
 """
 
-from . import feature_center, feature_cost, scope_grad, scope_stats
+from . import conv_gram, feature_center, feature_cost, scope_grad, scope_stats
 
 # name -> (kernel, signature, constexprs) for ahead-of-time compilation checks.
 AOT_SIGNATURES = {
@@ -14,6 +14,14 @@ AOT_SIGNATURES = {
     **scope_grad.AOT_SIGNATURES,
     **feature_center.AOT_SIGNATURES,
     **feature_cost.AOT_SIGNATURES,
+    **conv_gram.AOT_SIGNATURES,
 }
 
-__all__ = ["AOT_SIGNATURES", "feature_center", "feature_cost", "scope_grad", "scope_stats"]
+__all__ = [
+    "AOT_SIGNATURES",
+    "conv_gram",
+    "feature_center",
+    "feature_cost",
+    "scope_grad",
+    "scope_stats",
+]

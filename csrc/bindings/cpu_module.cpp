@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "../cpu/conv_gram.h"
 #include "../cpu/feature_center.h"
 #include "../cpu/feature_cost.h"
 #include "../cpu/linear_assignment.h"
@@ -186,6 +187,23 @@ PYBIND11_MODULE(_C, m) {
       py::arg("count"), py::arg("kind"), py::arg("out"),
       "float64 rows x cols feature cost (kind 0 covariance, 1 correlation, 2 inner product, "
       "3 negative squared distance) from shifted moments.");
+  m.def(
+      "conv_gram",
+      [](uintptr_t x, uintptr_t y, int32_t dtype, const std::vector<int64_t>& geometry,
+         uintptr_t out) {
+        check_lengths(fastmerge::kConvGeometryFields, geometry.size(), "geometry");
+        fastmerge::ConvGeometry g;
+        int64_t* fields = &g.n;
+        for (int k = 0; k < fastmerge::kConvGeometryFields; ++k) fields[k] = geometry[k];
+        py::gil_scoped_release release;
+        fastmerge::cpu::conv_gram(reinterpret_cast<const void*>(x),
+                                  reinterpret_cast<const void*>(y), dtype, g,
+                                  reinterpret_cast<double*>(out));
+      },
+      py::arg("x"), py::arg("y"), py::arg("dtype"), py::arg("geometry"), py::arg("out"),
+      "Upper triangle of [patches | y]^T [patches | y] of a convolution (float64 features x "
+      "columns) without materializing the patches; geometry: n, c_in, h, w, c_out, h_out, "
+      "w_out, kh, kw, sh, sw, ph, pw, dh, dw, bias.");
   m.def("set_num_threads", &fastmerge::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &fastmerge::get_num_threads);
 }

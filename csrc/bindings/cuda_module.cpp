@@ -94,6 +94,16 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("cross"), py::arg("rows"), py::arg("cols"), py::arg("sum_a"), py::arg("sum_b"),
       py::arg("sumsq_a"), py::arg("sumsq_b"), py::arg("shift_a"), py::arg("shift_b"),
       py::arg("count"), py::arg("kind"), py::arg("out"), py::arg("stream"));
+  m.def(
+      "conv_gram",
+      [](uintptr_t x, uintptr_t y, int32_t dtype, uintptr_t geometry, uintptr_t out,
+         uintptr_t stream) {
+        py::gil_scoped_release release;
+        fastmerge::cuda::conv_gram(ptr<const void>(x), ptr<const void>(y), dtype,
+                                   ptr<const int64_t>(geometry), ptr<double>(out), stream);
+      },
+      py::arg("x"), py::arg("y"), py::arg("dtype"), py::arg("geometry"), py::arg("out"),
+      py::arg("stream"));
   m.def("device_count", &fastmerge::cuda::device_count);
   m.attr("compiled_archs") = FASTMERGE_CUDA_ARCHS;
 }

@@ -43,6 +43,13 @@ void feature_cost(const double* cross, int64_t rows, int64_t cols, const double*
                   const double* shift_a, const double* shift_b, double count, int32_t kind,
                   double* out, uintptr_t stream);
 
+// Upper triangle of Z = B^T B, B = [patches | y] of a convolution (fastmerge/conv_gram.h),
+// without materializing the patches; x, y: contiguous device buffers of dtype
+// (kFloat32/kFloat64); geometry: HOST array of the 16 ConvGeometry fields; out: float64
+// features x columns, zeroed and then summed into (entries below the diagonal unspecified).
+void conv_gram(const void* x, const void* y, int32_t dtype, const int64_t* geometry,
+               double* out, uintptr_t stream);
+
 int device_count();
 
 }  // namespace fastmerge::cuda

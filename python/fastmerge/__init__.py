@@ -5,6 +5,8 @@ Primitives (each with reference, cpu, cuda and triton backends):
 * :func:`scope_stats` — fused per-tensor mean/std/count over a list of tensors.
 * :func:`wsa_penalty` — the Weight Scope Alignment penalty with a fused backward.
 * :class:`FeatureStats` — mergeable feature statistics and cost matrices for unit matching.
+* :class:`LeastSquares`, :func:`ridge_solve` — mergeable Gram/cross accumulation and a
+  batched, masked ridge solve for layer-wise least squares (PLeaS).
 
 See ``fastmerge info`` for what is built and usable on this machine.
 
@@ -16,10 +18,11 @@ Example:
 
 from __future__ import annotations
 
-from . import backends, cli, ops, wsa  # noqa: F401  (cli: `fastmerge.cli.main`)
+from . import backends, cli, ops, pleas, wsa  # noqa: F401  (cli: `fastmerge.cli.main`)
 from ._version import __version__
 from .backends import BackendUnavailableError
 from .features import FeatureStats
+from .least_squares import LeastSquares, ridge_solve
 from .ops import linear_assignment, scope_stats
 from .stats import ScopeStats
 from .wsa import wsa_penalty
@@ -50,12 +53,15 @@ def get_num_threads() -> int:
 __all__ = [
     "BackendUnavailableError",
     "FeatureStats",
+    "LeastSquares",
     "ScopeStats",
     "__version__",
     "backends",
     "get_num_threads",
     "linear_assignment",
     "ops",
+    "pleas",
+    "ridge_solve",
     "scope_stats",
     "set_num_threads",
     "wsa",

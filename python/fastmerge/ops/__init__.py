@@ -5,10 +5,18 @@ One op, one file per backend, same name everywhere: ``scope_stats`` is
 ``fastmerge/reference/scope_stats.py`` and ``tests/ops/test_scope_stats.py``.
 """
 
+from .conv_gram import conv_gram
 from .feature_center import feature_center
 from .feature_cost import feature_cost
 from .linear_assignment import linear_assignment
 from .scope_grad import scope_grad
 from .scope_stats import scope_stats
 
-__all__ = ["feature_center", "feature_cost", "linear_assignment", "scope_grad", "scope_stats"]
+__all__ = [
+    "conv_gram",
+    "feature_center",
+    "feature_cost",
+    "linear_assignment",
+    "scope_grad",
+    "scope_stats",
+]
