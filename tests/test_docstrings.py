@@ -24,6 +24,8 @@ MODULES = [
     "fastmerge.ops.conv_gram",
     "fastmerge.pleas",
     "fastmerge.pleas.groups",
+    "fastmerge.pleas.matching",
+    "fastmerge.pleas.allocation",
     "fastmerge.wsa.penalty",
     "fastmerge.wsa.scope",
     "fastmerge.wsa.regularizer",

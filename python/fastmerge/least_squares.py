@@ -327,7 +327,7 @@ class LeastSquares:
             >>> ls = fastmerge.LeastSquares(2, 2, bias=False).update(x, x)
             >>> mask = torch.tensor([[True, False], [True, True]])
             >>> weight, _ = ls.solve(ridge=0.0, blocks=mask)
-            >>> weight.round(decimals=9).tolist()
+            >>> (weight.round(decimals=9) + 0.0).tolist()  # + 0.0 turns -0.0 into 0.0
             [[1.0, 0.0], [0.0, 1.0]]
         """
         self._require_samples()

@@ -4,7 +4,11 @@ So far: :func:`permutation_groups` finds which units of a model are permuted tog
 (torch.fx tracing, residual adds tie channels, norm parameters follow their channels, groups
 touching the model's input or output are left alone), :meth:`PermutationSpec.from_axes`
 describes them by hand for models fx cannot trace, and :func:`apply_permutation` reorders a
-copy of a model's units without changing its function.
+copy of a model's units without changing its function. :func:`match` (with
+:func:`collect_features`) matches two models' units group by group from their activations,
+:func:`partial_layout` turns a match and a ratio into the ``[merged | only-A | only-B]``
+layout, and :func:`allocate` (with :func:`layer_costs` and :func:`relative_flops`) picks
+per-group ratios for a relative-FLOPs budget.
 
 Example:
     >>> import torch
@@ -14,6 +18,7 @@ Example:
     [('0', 8)]
 """
 
+from .allocation import LayerCost, allocate, layer_costs, relative_flops
 from .groups import (
     Axis,
     ExcludedGroup,
@@ -24,14 +29,24 @@ from .groups import (
     apply_permutation,
     permutation_groups,
 )
+from .matching import GroupMatch, PartialLayout, collect_features, match, partial_layout
 
 __all__ = [
     "Axis",
     "ExcludedGroup",
+    "GroupMatch",
+    "LayerCost",
     "LayerGroups",
+    "PartialLayout",
     "PermutationGroup",
     "PermutationSpec",
     "UntraceableModelError",
+    "allocate",
     "apply_permutation",
+    "collect_features",
+    "layer_costs",
+    "match",
+    "partial_layout",
     "permutation_groups",
+    "relative_flops",
 ]
