@@ -26,6 +26,8 @@ MODULES = [
     "fastmerge.pleas.groups",
     "fastmerge.pleas.matching",
     "fastmerge.pleas.allocation",
+    "fastmerge.pleas.least_squares_stage",
+    "fastmerge.pleas.merging",
     "fastmerge.wsa.penalty",
     "fastmerge.wsa.scope",
     "fastmerge.wsa.regularizer",

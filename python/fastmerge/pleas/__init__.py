@@ -8,7 +8,9 @@ copy of a model's units without changing its function. :func:`match` (with
 :func:`collect_features`) matches two models' units group by group from their activations,
 :func:`partial_layout` turns a match and a ratio into the ``[merged | only-A | only-B]``
 layout, and :func:`allocate` (with :func:`layer_costs` and :func:`relative_flops`) picks
-per-group ratios for a relative-FLOPs budget.
+per-group ratios for a relative-FLOPs budget. :func:`merge` builds the merged model
+(:func:`merge_weights`, :func:`solve_least_squares`, :func:`recompute_batchnorm`) with PLeaS
+or a baseline, and :class:`Ensemble` is the 2x reference.
 
 Example:
     >>> import torch
@@ -29,13 +31,17 @@ from .groups import (
     apply_permutation,
     permutation_groups,
 )
+from .least_squares_stage import LayerFit, recompute_batchnorm, solve_least_squares
 from .matching import GroupMatch, PartialLayout, collect_features, match, partial_layout
+from .merging import Ensemble, identity_layouts, layouts_for, merge, merge_weights
 
 __all__ = [
     "Axis",
+    "Ensemble",
     "ExcludedGroup",
     "GroupMatch",
     "LayerCost",
+    "LayerFit",
     "LayerGroups",
     "PartialLayout",
     "PermutationGroup",
@@ -44,9 +50,15 @@ __all__ = [
     "allocate",
     "apply_permutation",
     "collect_features",
+    "identity_layouts",
     "layer_costs",
+    "layouts_for",
     "match",
+    "merge",
+    "merge_weights",
     "partial_layout",
     "permutation_groups",
+    "recompute_batchnorm",
     "relative_flops",
+    "solve_least_squares",
 ]
