@@ -58,6 +58,7 @@ DEFAULT_ANCHORS: dict[str, list[tuple[str, str]]] = {
     ],
     "linear_assignment": [(FASTEST_PEER, "fastest peer median / median")],
     "least_squares": [("torch.linalg.lstsq", "speed-up vs torch.linalg.lstsq")],
+    "pleas_least_squares": [("adam-400", "speed-up vs 400 Adam steps")],
 }
 
 
