@@ -35,10 +35,11 @@ at 2.0x (one seed; presumably the smooth patches do not span the pixel space, so
 least-squares fit of the first layer is undetermined along the digits' directions, and
 the BatchNorm statistics re-estimated on them do not fit digits; not investigated).
 
-Configuration: PLeaS runs with the library's defaults (``DEFAULT_PLEAS``: cost
-``neg_sq_distance``, ridge 1e-4, greedy allocation, independent layers). ``--sweep`` scores a
-few other settings of those knobs on the **validation** split (never the test split) for
-choosing another default; the published table was made before any sweep was run.
+Configuration: PLeaS runs with ``DEFAULT_PLEAS``: cost ``neg_sq_distance``, ridge 1e-4, greedy
+allocation and ``sequential=True`` (each layer fitted on the merged model's own inputs).
+``--sweep`` scores settings of those knobs on the **validation** split (never the test split);
+``sequential=True`` had the best mean validation accuracy of the settings tried (94.06 vs 90.45
+for the library defaults, 1 seed), so the benchmark uses it.
 
 Run (about 3-4 minutes on 2 CPU cores)::
 
@@ -76,8 +77,14 @@ METHODS = ("average", "permute", "zipit", "pleas", "pleas-df", "ensemble")
 EPOCHS = {"mlp": 60, "resnet": 30}
 BATCH = 64
 MERGE_BATCH = 256
-# The library's defaults; --sweep compares alternatives on the validation split.
-DEFAULT_PLEAS = {"cost": "neg_sq_distance", "ridge": 1e-4, "allocation": "greedy"}
+# The library's defaults plus sequential=True, which the validation sweep chose (--sweep).
+DEFAULT_PLEAS = {
+    "cost": "neg_sq_distance",
+    "ridge": 1e-4,
+    "allocation": "greedy",
+    # Chosen on the validation split (--sweep): best mean accuracy of the settings tried.
+    "sequential": True,
+}
 SWEEP = [
     {"cost": "neg_sq_distance", "ridge": 1e-4, "allocation": "greedy"},
     {"cost": "correlation", "ridge": 1e-4, "allocation": "greedy"},
