@@ -173,6 +173,52 @@ def test_masked_blocks_are_exactly_zero_and_optimal():
     torch.testing.assert_close(per_layer[1], ridge_solve(x.T @ x, x.T @ y, ridge=0.0))
 
 
+def _partial_layout_blocks(merged: int, only: int) -> list:
+    """PLeaS' zero cross blocks over inputs [merged | only-A | only-B] (outputs likewise)."""
+    a = list(range(merged, merged + only))
+    b = list(range(merged + only, merged + 2 * only))
+    return [(a, list(range(merged + only))), (b, list(range(merged)) + b)]
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.1])
+def test_blocks_sharing_leading_inputs_match_separate_solves(ridge):
+    # The shared-factor path (one factorization, Schur complements for the inputs after
+    # the common prefix) must equal solving each block's own normal equations.
+    g = torch.Generator().manual_seed(5)
+    merged, only = 7, 3
+    d = merged + 2 * only
+    x = torch.randn(3, 120, d, generator=g, dtype=torch.float64)
+    y = torch.randn(3, 120, d, generator=g, dtype=torch.float64)
+    gram, cross = x.mT @ x, x.mT @ y
+    blocks = _partial_layout_blocks(merged, only)
+    got = ridge_solve(gram, cross, ridge=ridge, blocks=blocks)
+    for layer in range(3):
+        lam = ridge * float(gram[layer].trace()) / d
+        for outputs, allowed in [*blocks, (list(range(merged)), list(range(d)))]:
+            sub = gram[layer][allowed][:, allowed] + lam * torch.eye(len(allowed)).double()
+            want = torch.linalg.solve(sub, cross[layer][allowed][:, outputs])
+            torch.testing.assert_close(got[layer][allowed][:, outputs], want)
+            banned = sorted(set(range(d)) - set(allowed))
+            assert (got[layer][banned][:, outputs] == 0).all()
+
+
+def test_blocks_whose_union_is_singular_are_solved_separately_without_warning():
+    # only-B duplicates only-A: the whole Gram is singular, every block's is not.
+    g = torch.Generator().manual_seed(6)
+    merged, only = 4, 2
+    x = torch.randn(80, merged + only, generator=g, dtype=torch.float64)
+    x = torch.cat([x, x[:, merged:]], dim=1)
+    y = torch.randn(80, merged + 2 * only, generator=g, dtype=torch.float64)
+    (_, allowed_a), block_b = _partial_layout_blocks(merged, only)
+    blocks = [(list(range(merged + only)), allowed_a), block_b]  # no output uses all inputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = ridge_solve(x.T @ x, x.T @ y, ridge=0.0, blocks=blocks)
+    for outputs, allowed in blocks:
+        want = torch.linalg.lstsq(x[:, allowed], y[:, outputs]).solution
+        torch.testing.assert_close(got[allowed][:, outputs], want, rtol=1e-9, atol=1e-9)
+
+
 def test_least_squares_solve_with_a_mask_keeps_the_bias():
     x, y = _linear_data()
     mask = torch.zeros(5, 13, dtype=torch.bool)

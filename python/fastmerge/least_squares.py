@@ -610,34 +610,91 @@ def _block_list(
 
 
 def _solve_blocks(g, c, lam, spec, out, first_layer: int) -> None:
-    """out[:, allowed, outputs] = solution of each block, for all layers of g at once."""
-    for index, (outputs, allowed) in enumerate(spec):
+    """out[:, allowed, outputs] = solution of each block, for all layers of g at once.
+
+    When several blocks share leading inputs (PLeaS' partial layouts: outputs of the
+    merged units use every input, only-A outputs the prefix [merged | only-A], only-B
+    outputs [merged | only-B]), the whole ridge Gram matrix is factored once and every
+    block reuses its leading part: the Cholesky factor of a leading principal block is
+    the leading block of the whole factor, and the inputs after the prefix only need
+    the factor of their Schur complement. That replaces one factorization per block.
+    """
+    prefixes = [_prefix_length(allowed) for _, allowed in spec]
+    shared = len(spec) > 1 and max(prefixes) > 0
+    factor = _shared_factor(g, lam) if shared else None
+    for index, ((outputs, allowed), prefix) in enumerate(zip(spec, prefixes)):
         if outputs.numel() == 0 or allowed.numel() == 0:
             continue  # no allowed inputs: the block's weights are 0
-        m = allowed.numel()
-        whole = m == g.shape[-1] and outputs.numel() == c.shape[-1]  # no gathers needed
-        sub = g.clone() if whole else g[:, allowed][:, :, allowed]
-        sub.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
-        rhs = c if whole else c[:, allowed][:, :, outputs]
-        factor, info = torch.linalg.cholesky_ex(sub)
-        x = torch.cholesky_solve(rhs, factor)
-        bad = (info != 0).nonzero().flatten().tolist()
-        if bad:
-            shown = outputs[:8].tolist()
-            warnings.warn(
-                f"ridge_solve: the Gram block of layer(s) {[first_layer + b for b in bad]}, "
-                f"block {index} (outputs {shown}{'...' if outputs.numel() > 8 else ''}) is not "
-                "positive definite even with the ridge; solving it with an eigendecomposition "
-                "(pseudo-inverse) instead",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            for b in bad:
-                evals, evecs = torch.linalg.eigh(sub[b])
-                tol = max(float(evals.abs().max()), 0.0) * m * torch.finfo(g.dtype).eps
-                inv = torch.where(evals > tol, 1.0 / evals, torch.zeros_like(evals))
-                x[b] = evecs @ (inv[:, None] * (evecs.T @ rhs[b]))
-        if whole:
-            out.copy_(x)
-        else:
-            out[:, allowed[:, None], outputs[None, :]] = x
+        if factor is not None and prefix > 0:
+            x = _solve_with_shared_factor(g, c, lam, factor, outputs, allowed, prefix)
+            if x is not None:
+                out[:, allowed[:, None], outputs[None, :]] = x
+                continue
+        _solve_block_alone(g, c, lam, outputs, allowed, out, first_layer, index)
+
+
+def _prefix_length(allowed: torch.Tensor) -> int:
+    """How many of the sorted indices `allowed` are 0, 1, 2, ... (a leading run)."""
+    run = allowed == torch.arange(allowed.numel(), device=allowed.device)
+    return int(run.numel() if bool(run.all()) else int(run.int().argmin()))
+
+
+def _shared_factor(g: torch.Tensor, lam: torch.Tensor) -> Optional[torch.Tensor]:
+    """Lower Cholesky factor of every layer's ``G + lam I``; None if one is not PD."""
+    ridged = g.clone()
+    ridged.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
+    factor, info = torch.linalg.cholesky_ex(ridged)
+    return factor if bool((info == 0).all()) else None
+
+
+def _solve_with_shared_factor(g, c, lam, factor, outputs, allowed, prefix):
+    """Solve the block [prefix | rest] from the shared factor's leading ``prefix`` block and
+    a factor of the rest's Schur complement; None if that complement is not PD."""
+    rhs = c[:, allowed][:, :, outputs]
+    lead = factor[:, :prefix, :prefix]
+    if prefix == allowed.numel():
+        return torch.cholesky_solve(rhs, lead)
+    rest = allowed[prefix:]
+    coupling = factor[:, rest, :prefix]  # rows of the whole factor: G[rest, P] L_PP^-T
+    schur = g[:, rest][:, :, rest] - coupling @ coupling.mT
+    schur.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
+    tail, info = torch.linalg.cholesky_ex(schur)
+    if not bool((info == 0).all()):
+        return None
+    # Forward then backward substitution with [[lead, 0], [coupling, tail]].
+    z_lead = torch.linalg.solve_triangular(lead, rhs[:, :prefix], upper=False)
+    z_rest = torch.linalg.solve_triangular(tail, rhs[:, prefix:] - coupling @ z_lead, upper=False)
+    x_rest = torch.linalg.solve_triangular(tail.mT, z_rest, upper=True)
+    x_lead = torch.linalg.solve_triangular(lead.mT, z_lead - coupling.mT @ x_rest, upper=True)
+    return torch.cat([x_lead, x_rest], dim=1)
+
+
+def _solve_block_alone(g, c, lam, outputs, allowed, out, first_layer: int, index: int) -> None:
+    """One block by its own Cholesky factorization (eigen fallback when not PD)."""
+    m = allowed.numel()
+    whole = m == g.shape[-1] and outputs.numel() == c.shape[-1]  # no gathers needed
+    sub = g.clone() if whole else g[:, allowed][:, :, allowed]
+    sub.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
+    rhs = c if whole else c[:, allowed][:, :, outputs]
+    factor, info = torch.linalg.cholesky_ex(sub)
+    x = torch.cholesky_solve(rhs, factor)
+    bad = (info != 0).nonzero().flatten().tolist()
+    if bad:
+        shown = outputs[:8].tolist()
+        warnings.warn(
+            f"ridge_solve: the Gram block of layer(s) {[first_layer + b for b in bad]}, "
+            f"block {index} (outputs {shown}{'...' if outputs.numel() > 8 else ''}) is not "
+            "positive definite even with the ridge; solving it with an eigendecomposition "
+            "(pseudo-inverse) instead",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        for b in bad:
+            evals, evecs = torch.linalg.eigh(sub[b])
+            tol = max(float(evals.abs().max()), 0.0) * m * torch.finfo(g.dtype).eps
+            inv = torch.where(evals > tol, 1.0 / evals, torch.zeros_like(evals))
+            x[b] = evecs @ (inv[:, None] * (evecs.T @ rhs[b]))
+    if whole:
+        out.copy_(x)
+    else:
+        out[:, allowed[:, None], outputs[None, :]] = x
