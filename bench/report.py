@@ -59,6 +59,15 @@ DEFAULT_ANCHORS: dict[str, list[tuple[str, str]]] = {
     "linear_assignment": [(FASTEST_PEER, "fastest peer median / median")],
     "least_squares": [("torch.linalg.lstsq", "speed-up vs torch.linalg.lstsq")],
     "pleas_least_squares": [("adam-400", "speed-up vs 400 Adam steps")],
+    "ties": [("torch.kthvalue-loop", "speed-up vs torch.kthvalue loop")],
+    "lowrank_mixture": [
+        ("torch.nn.Linear-static", "static nn.Linear time / time (per sample)"),
+        ("naive-merge-per-sample", "throughput vs naive per-sample merge (dense deltas)"),
+    ],
+    "twin": [
+        ("reference-per-sample", "throughput vs per-sample materialization"),
+        ("torch-static-shared", "static shared model time / time"),
+    ],
 }
 
 
@@ -77,6 +86,7 @@ class Result:
     hi: float  # p80, or q3
     exact_quantiles: bool  # True: lo/hi are p20/p80 from the data
     flops: Optional[float] = None  # floating-point operations of one call, if recorded
+    samples: Optional[int] = None  # samples one call processes, if recorded (per-sample ratios)
 
 
 def fmt(value: float, digits: int) -> str:
@@ -108,6 +118,7 @@ def load_results(raw: dict[str, Any]) -> list[Result]:
                 hi=hi * 1e3,
                 exact_quantiles=bool(data),
                 flops=info.get("flops"),
+                samples=info.get("samples"),
             )
         )
     return results
@@ -148,6 +159,8 @@ def group_table(results: list[Result], anchors: list[tuple[str, str]]) -> str:
     header = ["provider", "median (ms)", f"{lo} (ms)", f"{hi} (ms)", "GB/s"]
     with_flops = any(r.flops for r in results)
     header += ["GFLOP/s"] if with_flops else []
+    with_samples = any(r.samples for r in results)
+    header += ["samples/s"] if with_samples else []
     header += [h for _, h in anchors]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(results, key=lambda r: r.median):
@@ -155,15 +168,20 @@ def group_table(results: list[Result], anchors: list[tuple[str, str]]) -> str:
         cells = [f"`{r.provider}`", fmt(r.median, 4), fmt(r.lo, 4), fmt(r.hi, 4), gbps]
         if with_flops:
             cells.append(fmt(r.flops / (r.median * 1e-3) / 1e9, 3) if r.flops else "")
+        if with_samples:
+            cells.append(fmt(r.samples / (r.median * 1e-3), 4) if r.samples else "")
         cells += [_ratio(by_provider[p], r, p in FLOP_RATE_ANCHORS) for p, _ in anchors]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def _ratio(anchor: Result, r: Result, flop_rate: bool) -> str:
-    """anchor median / r's median; with flop_rate, r's FLOP/s over the anchor's."""
+    """anchor median / r's median; with flop_rate, r's FLOP/s over the anchor's; when both
+    recorded how many samples a call processes, their time per sample."""
     if flop_rate and anchor.flops and r.flops:
         return fmt((r.flops / r.median) / (anchor.flops / anchor.median), 3)
+    if anchor.samples and r.samples:
+        return fmt((anchor.median / anchor.samples) / (r.median / r.samples), 3)
     return fmt(anchor.median / r.median, 3)
 
 

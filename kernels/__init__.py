@@ -6,7 +6,16 @@ launcher that the op's ``triton`` backend calls. On a CPU-only machine they run 
 every kernel ahead of time for sm_80/sm_90 without a GPU.
 """
 
-from . import conv_gram, feature_center, feature_cost, scope_grad, scope_stats
+from . import (
+    conv_gram,
+    feature_center,
+    feature_cost,
+    lowrank_mixture,
+    magnitude_threshold,
+    scope_grad,
+    scope_stats,
+    ties_combine,
+)
 
 # name -> (kernel, signature, constexprs) for ahead-of-time compilation checks.
 AOT_SIGNATURES = {
@@ -15,6 +24,9 @@ AOT_SIGNATURES = {
     **feature_center.AOT_SIGNATURES,
     **feature_cost.AOT_SIGNATURES,
     **conv_gram.AOT_SIGNATURES,
+    **lowrank_mixture.AOT_SIGNATURES,
+    **magnitude_threshold.AOT_SIGNATURES,
+    **ties_combine.AOT_SIGNATURES,
 }
 
 __all__ = [
@@ -22,6 +34,9 @@ __all__ = [
     "conv_gram",
     "feature_center",
     "feature_cost",
+    "lowrank_mixture",
+    "magnitude_threshold",
     "scope_grad",
     "scope_stats",
+    "ties_combine",
 ]

@@ -22,6 +22,13 @@ MODULES = [
     "fastmerge.features",
     "fastmerge.least_squares",
     "fastmerge.ops.conv_gram",
+    "fastmerge.ops.lowrank_mixture",
+    "fastmerge.ops.magnitude_threshold",
+    "fastmerge.ops.ties_combine",
+    "fastmerge.merge",
+    "fastmerge.merge._select",
+    "fastmerge.merge.static",
+    "fastmerge.merge.ties",
     "fastmerge.pleas",
     "fastmerge.pleas.groups",
     "fastmerge.pleas.matching",
@@ -32,6 +39,12 @@ MODULES = [
     "fastmerge.wsa.scope",
     "fastmerge.wsa.regularizer",
     "fastmerge.cli.info",
+    "fastmerge.twin",
+    "fastmerge.twin.svd",
+    "fastmerge.twin.merger",
+    "fastmerge.twin.io",
+    "fastmerge.twin.router",
+    "fastmerge.twin.model",
 ]
 
 

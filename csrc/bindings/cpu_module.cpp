@@ -15,8 +15,11 @@
 #include "../cpu/feature_center.h"
 #include "../cpu/feature_cost.h"
 #include "../cpu/linear_assignment.h"
+#include "../cpu/lowrank_mixture.h"
+#include "../cpu/magnitude_threshold.h"
 #include "../cpu/scope_grad.h"
 #include "../cpu/scope_stats.h"
+#include "../cpu/ties_combine.h"
 #include "fastmerge/parallel.h"
 
 namespace py = pybind11;
@@ -204,6 +207,71 @@ PYBIND11_MODULE(_C, m) {
       "Upper triangle of [patches | y]^T [patches | y] of a convolution (float64 features x "
       "columns) without materializing the patches; geometry: n, c_in, h, w, c_out, h_out, "
       "w_out, kh, kw, sh, sw, ph, pw, dh, dw, bias.");
+  m.def(
+      "lowrank_gate_scale",
+      [](uintptr_t z, int32_t dtype, int64_t rows, int64_t tasks, int64_t rank,
+         int64_t z_row_stride, uintptr_t gates, int64_t gate_row_stride, int64_t tokens) {
+        if (dtype != fastmerge::kFloat32 && dtype != fastmerge::kFloat64) {
+          throw std::invalid_argument("lowrank_gate_scale takes float32 or float64 buffers");
+        }
+        py::gil_scoped_release release;
+        fastmerge::cpu::lowrank_gate_scale(reinterpret_cast<void*>(z), dtype, rows, tasks, rank,
+                                           z_row_stride, reinterpret_cast<const void*>(gates),
+                                           gate_row_stride, tokens);
+      },
+      py::arg("z"), py::arg("dtype"), py::arg("rows"), py::arg("tasks"), py::arg("rank"),
+      py::arg("z_row_stride"), py::arg("gates"), py::arg("gate_row_stride"), py::arg("tokens"),
+      "In place: z[m, t * rank + k] *= gates[m // tokens, t] (float32/float64 codes).");
+  m.def(
+      "lowrank_rows",
+      [](bool scatter_add, uintptr_t dst, int64_t dst_row_stride, uintptr_t src,
+         int64_t src_row_stride, uintptr_t index, int64_t count, int64_t tokens, int64_t cols,
+         int32_t dtype) {
+        if (dtype != fastmerge::kFloat32 && dtype != fastmerge::kFloat64) {
+          throw std::invalid_argument("lowrank_rows takes float32 or float64 buffers");
+        }
+        const auto* idx = reinterpret_cast<const int64_t*>(index);
+        py::gil_scoped_release release;
+        if (scatter_add) {
+          fastmerge::cpu::lowrank_scatter_add_rows(reinterpret_cast<void*>(dst), dst_row_stride,
+                                                   reinterpret_cast<const void*>(src),
+                                                   src_row_stride, idx, count, tokens, cols, dtype);
+        } else {
+          fastmerge::cpu::lowrank_gather_rows(reinterpret_cast<void*>(dst), dst_row_stride,
+                                              reinterpret_cast<const void*>(src), src_row_stride,
+                                              idx, count, tokens, cols, dtype);
+        }
+      },
+      py::arg("scatter_add"), py::arg("dst"), py::arg("dst_row_stride"), py::arg("src"),
+      py::arg("src_row_stride"), py::arg("index"), py::arg("count"), py::arg("tokens"),
+      py::arg("cols"), py::arg("dtype"),
+      "By blocks of `tokens` rows: gather dst[b] = src[index[b]], or scatter-add "
+      "dst[index[b]] += src[b] (distinct indices); float32/float64 codes.");
+  m.def(
+      "magnitude_threshold",
+      [](uintptr_t base, const std::vector<uintptr_t>& experts, int64_t n, int32_t dtype,
+         int64_t k, uintptr_t out) {
+        const auto pointers = as_pointers<const void*>(experts);
+        py::gil_scoped_release release;
+        fastmerge::cpu::magnitude_threshold(reinterpret_cast<const void*>(base), pointers, n,
+                                            dtype, k, reinterpret_cast<void*>(out));
+      },
+      py::arg("base"), py::arg("experts"), py::arg("n"), py::arg("dtype"), py::arg("k"),
+      py::arg("out"),
+      "out[t] = k-th largest |experts[t] - base| (float32, float64 for float64 inputs).");
+  m.def(
+      "ties_combine",
+      [](uintptr_t base, const std::vector<uintptr_t>& experts, int64_t n, int32_t dtype,
+         uintptr_t thresholds, double scale, uintptr_t out, int32_t out_dtype) {
+        const auto pointers = as_pointers<const void*>(experts);
+        py::gil_scoped_release release;
+        fastmerge::cpu::ties_combine(reinterpret_cast<const void*>(base), pointers, n, dtype,
+                                     reinterpret_cast<const void*>(thresholds), scale,
+                                     reinterpret_cast<void*>(out), out_dtype);
+      },
+      py::arg("base"), py::arg("experts"), py::arg("n"), py::arg("dtype"), py::arg("thresholds"),
+      py::arg("scale"), py::arg("out"), py::arg("out_dtype"),
+      "TIES combine of one tensor: trim by thresholds, elect signs, base + scale * disjoint mean.");
   m.def("set_num_threads", &fastmerge::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &fastmerge::get_num_threads);
 }

@@ -104,6 +104,47 @@ PYBIND11_MODULE(_cuda, m) {
       },
       py::arg("x"), py::arg("y"), py::arg("dtype"), py::arg("geometry"), py::arg("out"),
       py::arg("stream"));
+  m.def(
+      "lowrank_mixture",
+      [](uintptr_t x, int32_t dtype, int64_t rows, int64_t d_in, int64_t d_out, int64_t tasks,
+         int64_t rank, int64_t tokens, uintptr_t us, uintptr_t vs, uintptr_t gates,
+         uintptr_t down, uintptr_t y, uintptr_t stream) {
+        py::gil_scoped_release release;
+        fastmerge::cuda::lowrank_mixture(ptr<const void>(x), dtype, rows, d_in, d_out, tasks,
+                                         rank, tokens, ptr<const void>(us), ptr<const void>(vs),
+                                         ptr<const void>(gates), ptr<void>(down), ptr<void>(y),
+                                         stream);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("d_in"), py::arg("d_out"),
+      py::arg("tasks"), py::arg("rank"), py::arg("tokens"), py::arg("us"), py::arg("vs"),
+      py::arg("gates"), py::arg("down"), py::arg("y"), py::arg("stream"));
+  m.def(
+      "magnitude_threshold",
+      [](uintptr_t base, uintptr_t expert_addresses, int64_t num_experts, int64_t n,
+         int32_t dtype, int64_t k, uintptr_t out, uintptr_t hist, uintptr_t prefix,
+         uintptr_t rank, uintptr_t stream) {
+        py::gil_scoped_release release;
+        fastmerge::cuda::magnitude_threshold(ptr<const void>(base),
+                                             ptr<const int64_t>(expert_addresses), num_experts,
+                                             n, dtype, k, ptr<void>(out), ptr<uint32_t>(hist),
+                                             ptr<uint64_t>(prefix), ptr<int64_t>(rank), stream);
+      },
+      py::arg("base"), py::arg("expert_addresses"), py::arg("num_experts"), py::arg("n"),
+      py::arg("dtype"), py::arg("k"), py::arg("out"), py::arg("hist"), py::arg("prefix"),
+      py::arg("rank"), py::arg("stream"));
+  m.def(
+      "ties_combine",
+      [](uintptr_t base, uintptr_t expert_addresses, int64_t num_experts, int64_t n,
+         int32_t dtype, uintptr_t thresholds, double scale, uintptr_t out, int32_t out_dtype,
+         uintptr_t stream) {
+        py::gil_scoped_release release;
+        fastmerge::cuda::ties_combine(ptr<const void>(base), ptr<const int64_t>(expert_addresses),
+                                      num_experts, n, dtype, ptr<const void>(thresholds), scale,
+                                      ptr<void>(out), out_dtype, stream);
+      },
+      py::arg("base"), py::arg("expert_addresses"), py::arg("num_experts"), py::arg("n"),
+      py::arg("dtype"), py::arg("thresholds"), py::arg("scale"), py::arg("out"),
+      py::arg("out_dtype"), py::arg("stream"));
   m.def("device_count", &fastmerge::cuda::device_count);
   m.attr("compiled_archs") = FASTMERGE_CUDA_ARCHS;
 }

@@ -50,6 +50,29 @@ void feature_cost(const double* cross, int64_t rows, int64_t cols, const double*
 void conv_gram(const void* x, const void* y, int32_t dtype, const int64_t* geometry,
                double* out, uintptr_t stream);
 
+// The gated low-rank part of lowrank_mixture. x: rows x d_in, contiguous, of dtype; us
+// (tasks, d_out, rank), vs (tasks, rank, d_in), gates (rows / tokens, tasks): contiguous,
+// of dtype. down: scratch rows x (tasks * rank); y: rows x d_out holding x W^T + b; both
+// float, or double for kFloat64. Writes down[m, t r + k] = g[m / tokens, t] (x[m] . vs[t, k])
+// and adds down U_all^T to y, skipping (row tile, task) pairs whose gates are all zero.
+void lowrank_mixture(const void* x, int32_t dtype, int64_t rows, int64_t d_in, int64_t d_out,
+                     int64_t tasks, int64_t rank, int64_t tokens, const void* us, const void* vs,
+                     const void* gates, void* down, void* y, uintptr_t stream);
+
+// TIES trim thresholds: out[t] = k-th largest |expert_t - base| (float32, float64 for
+// kFloat64 inputs). expert_addresses: device int64 (T,) of data pointers; inputs: n
+// contiguous elements of dtype; workspaces: hist uint32 (T, 2048), prefix uint64 (T),
+// rank int64 (T).
+void magnitude_threshold(const void* base, const int64_t* expert_addresses, int64_t num_experts,
+                         int64_t n, int32_t dtype, int64_t k, void* out, uint32_t* hist,
+                         uint64_t* prefix, int64_t* rank, uintptr_t stream);
+
+// TIES combine of one tensor (see csrc/cpu/ties_combine.h): thresholds in the compute
+// type (float32, float64 for kFloat64 inputs), out: n elements of out_dtype.
+void ties_combine(const void* base, const int64_t* expert_addresses, int64_t num_experts,
+                  int64_t n, int32_t dtype, const void* thresholds, double scale, void* out,
+                  int32_t out_dtype, uintptr_t stream);
+
 int device_count();
 
 }  // namespace fastmerge::cuda

@@ -18,12 +18,12 @@ Example:
 
 from __future__ import annotations
 
-from . import backends, cli, ops, pleas, wsa  # noqa: F401  (cli: `fastmerge.cli.main`)
+from . import backends, cli, merge, ops, pleas, twin, wsa  # noqa: F401  (cli: `fastmerge.cli.main`)
 from ._version import __version__
 from .backends import BackendUnavailableError
 from .features import FeatureStats
 from .least_squares import LeastSquares, ridge_solve
-from .ops import linear_assignment, scope_stats
+from .ops import linear_assignment, lowrank_mixture, merge_lowrank, scope_stats
 from .stats import ScopeStats
 from .wsa import wsa_penalty
 
@@ -59,11 +59,15 @@ __all__ = [
     "backends",
     "get_num_threads",
     "linear_assignment",
+    "lowrank_mixture",
+    "merge_lowrank",
+    "merge",
     "ops",
     "pleas",
     "ridge_solve",
     "scope_stats",
     "set_num_threads",
+    "twin",
     "wsa",
     "wsa_penalty",
 ]

@@ -9,14 +9,22 @@ from .conv_gram import conv_gram
 from .feature_center import feature_center
 from .feature_cost import feature_cost
 from .linear_assignment import linear_assignment
+from .lowrank_mixture import clear_lowrank_cache, lowrank_mixture, merge_lowrank
+from .magnitude_threshold import magnitude_threshold
 from .scope_grad import scope_grad
 from .scope_stats import scope_stats
+from .ties_combine import ties_combine
 
 __all__ = [
     "conv_gram",
     "feature_center",
     "feature_cost",
     "linear_assignment",
+    "lowrank_mixture",
+    "merge_lowrank",
+    "clear_lowrank_cache",
+    "magnitude_threshold",
     "scope_grad",
     "scope_stats",
+    "ties_combine",
 ]

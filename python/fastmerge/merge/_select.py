@@ -1,0 +1,93 @@
+"""Key selection (include/exclude regexes) and the checks every static merge shares."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Callable, Optional, Union
+
+import torch
+
+StateDict = Mapping[str, torch.Tensor]
+Patterns = Optional[Union[str, Sequence[str]]]
+
+
+def _compile(patterns: Patterns, name: str) -> list[re.Pattern]:
+    if patterns is None:
+        return []
+    items = [patterns] if isinstance(patterns, str) else list(patterns)
+    compiled = []
+    for p in items:
+        if not isinstance(p, str):
+            raise TypeError(f"{name} must be a regex string or a list of them, got {p!r}")
+        try:
+            compiled.append(re.compile(p))
+        except re.error as exc:
+            raise ValueError(f"{name} pattern {p!r} is not a valid regex: {exc}") from exc
+    return compiled
+
+
+def key_selector(include: Patterns = None, exclude: Patterns = None) -> Callable[[str], bool]:
+    """A predicate on keys: True when the key matches (``re.search``) one of `include`
+    (every key when `include` is None) and none of `exclude`.
+
+    Example:
+        >>> from fastmerge.merge import key_selector
+        >>> selected = key_selector(include=r"\\.weight$", exclude=["^embed"])
+        >>> [selected(k) for k in ("fc.weight", "fc.bias", "embed.weight")]
+        [True, False, False]
+    """
+    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+
+    def selected(key: str) -> bool:
+        if inc and not any(p.search(key) for p in inc):
+            return False
+        return not any(p.search(key) for p in exc)
+
+    return selected
+
+
+def mergeable(tensor: torch.Tensor) -> bool:
+    """Floating tensors are merged; integer and boolean buffers are copied."""
+    return tensor.dtype.is_floating_point
+
+
+def compute_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """float64 when any tensor is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def check_models(base: StateDict, models: Sequence[StateDict], what: str) -> list[str]:
+    """The base's keys, after checking that there is at least one model and every model
+    has exactly the base's keys; the ValueError names the key and the model."""
+    if isinstance(models, Mapping) or not isinstance(models, Sequence):
+        raise TypeError(f"{what} must be a list of state dicts, got {type(models).__name__}")
+    if len(models) < 1:
+        raise ValueError(f"{what} is empty; at least one is needed")
+    keys = list(base.keys())
+    key_set = set(keys)
+    for i, model in enumerate(models):
+        other = set(model.keys())
+        missing = [k for k in keys if k not in other]
+        if missing:
+            raise ValueError(f"{what}[{i}] has no key {missing[0]!r} (and {len(missing) - 1} more)")
+        extra = sorted(other - key_set)
+        if extra:
+            raise ValueError(f"{what}[{i}] has key {extra[0]!r}, which the base does not have")
+    return keys
+
+
+def load_key(key: str, base: torch.Tensor, models: Sequence[StateDict], what: str):
+    """Read `key` once from each model and check its shape against the base's."""
+    tensors = []
+    for i, model in enumerate(models):
+        t = model[key]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}[{i}][{key!r}] is a {type(t).__name__}, not a tensor")
+        if t.shape != base.shape:
+            raise ValueError(
+                f"{what}[{i}][{key!r}] has shape {tuple(t.shape)} but the base has "
+                f"{tuple(base.shape)}"
+            )
+        tensors.append(t)
+    return tensors
