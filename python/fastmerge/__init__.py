@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-from . import backends, cli, merge, ops, pleas, twin, wsa  # noqa: F401  (cli: `fastmerge.cli.main`)
+from . import backends, cli, dist, merge, ops, pleas, twin, wsa  # noqa: F401  (cli: `fastmerge.cli.main`)
 from ._version import __version__
 from .backends import BackendUnavailableError
 from .features import FeatureStats
@@ -57,6 +57,7 @@ __all__ = [
     "ScopeStats",
     "__version__",
     "backends",
+    "dist",
     "get_num_threads",
     "linear_assignment",
     "lowrank_mixture",

@@ -280,6 +280,26 @@ class FeatureStats:
         self.count += other.count
         return self
 
+    def all_reduce(self, group: Any = None) -> FeatureStats:
+        """Sum these statistics over the ranks of a torch.distributed process group, in
+        place, so that every rank holds the statistics of all ranks' batches; returns
+        ``self``. A collective: every rank calls it (see :func:`fastmerge.dist.all_reduce_`).
+
+        Example:
+            >>> import os, tempfile
+            >>> import torch.distributed as tdist
+            >>> rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
+            >>> tdist.init_process_group("gloo", init_method=f"file://{rendezvous}",
+            ...                          rank=0, world_size=1)
+            >>> stats = fastmerge.FeatureStats().update(torch.ones(4, 2), torch.ones(4, 3))
+            >>> stats.all_reduce().count  # one rank: the statistics stay
+            4
+            >>> tdist.destroy_process_group()
+        """
+        from .dist import all_reduce_  # dist imports this module
+
+        return all_reduce_(self, group)
+
     # ---- costs --------------------------------------------------------------------------
 
     def cost(self, kind: str = "correlation", full: Optional[bool] = None) -> torch.Tensor:
@@ -431,6 +451,50 @@ class FeatureStats:
             zeros(d_b, dtype=f64, device=device),
         )
         self._allocate_blocks(device)
+
+    def _start_empty(self, d_a: int, d_b: int, device: torch.device) -> None:
+        """Zero shifts and accumulators for d_a and d_b units (a rank that saw no batch)."""
+        f64 = dict(dtype=torch.float64, device=device)
+        self.shift_a, self.shift_b = torch.zeros(d_a, **f64), torch.zeros(d_b, **f64)
+        self.sum_a, self.sumsq_a = torch.zeros(d_a, **f64), torch.zeros(d_a, **f64)
+        self.sum_b, self.sumsq_b = torch.zeros(d_b, **f64), torch.zeros(d_b, **f64)
+        self._allocate_blocks(device)
+
+    def _sums_around(self, shift_a: torch.Tensor, shift_b: torch.Tensor) -> list[torch.Tensor]:
+        """[sum_a, sum_b, sumsq_a, sumsq_b, cross "ab"(, "aa", "bb")] re-expressed around
+        other shifts (after _flush). The algebra is :meth:`merge`'s, term for term, so
+        reducing these equals merging; like merge, the "ba" block is left to _flush (its
+        mirror), which saves a quarter of the Gram matrix."""
+        n = float(self.count)
+        u_a, u_b = self.shift_a - shift_a, self.shift_b - shift_b
+        sa, sb = self.sum_a, self.sum_b
+        parts = [
+            sa + n * u_a,
+            sb + n * u_b,
+            self.sumsq_a + 2 * u_a * sa + n * u_a * u_a,
+            self.sumsq_b + 2 * u_b * sb + n * u_b * u_b,
+            _reshifted(self._blocks["ab"], u_a, sa, u_b, sb, n),
+        ]
+        if self.full:
+            parts.append(_reshifted(self._blocks["aa"], u_a, sa, u_a, sa, n))
+            parts.append(_reshifted(self._blocks["bb"], u_b, sb, u_b, sb, n))
+        return parts
+
+    def _load_sums(
+        self,
+        shift_a: torch.Tensor,
+        shift_b: torch.Tensor,
+        sums: list[torch.Tensor],
+        count: int,
+    ) -> None:
+        """Take sums laid out as by _sums_around (around shift_a, shift_b) as our own."""
+        self.shift_a, self.shift_b = shift_a.clone(), shift_b.clone()
+        self.sum_a, self.sum_b = sums[0].clone(), sums[1].clone()
+        self.sumsq_a, self.sumsq_b = sums[2].clone(), sums[3].clone()
+        for key, block in zip(("ab", "aa", "bb"), sums[4:]):
+            self._blocks[key].copy_(block)
+        self.count = int(count)
+        self._flush()  # with full=True: the lower blocks mirror the upper ones, as in merge
 
     def _allocate_blocks(self, device: torch.device) -> None:
         """Zeroed float64 cross-product blocks and the GEMM plan for `device` (shift_a and

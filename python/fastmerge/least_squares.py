@@ -308,6 +308,27 @@ class LeastSquares:
         self.count += other.count
         return self
 
+    def all_reduce(self, group: Any = None) -> LeastSquares:
+        """Sum these statistics over the ranks of a torch.distributed process group, in
+        place, so that every rank holds ``X^T X`` and ``X^T Y`` of all ranks' samples;
+        returns ``self``. A collective: every rank calls it (see
+        :func:`fastmerge.dist.all_reduce_`).
+
+        Example:
+            >>> import os, tempfile
+            >>> import torch.distributed as tdist
+            >>> rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
+            >>> tdist.init_process_group("gloo", init_method=f"file://{rendezvous}",
+            ...                          rank=0, world_size=1)
+            >>> ls = fastmerge.LeastSquares(2, 1).update(torch.ones(3, 2), torch.ones(3, 1))
+            >>> ls.all_reduce().count
+            3
+            >>> tdist.destroy_process_group()
+        """
+        from .dist import all_reduce_  # dist imports this module
+
+        return all_reduce_(self, group)
+
     # ---- solve ----------------------------------------------------------------------------
 
     def solve(

@@ -8,7 +8,7 @@ distributed collection are one mechanism: ``a.merge(b)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -111,3 +111,23 @@ class ScopeStats:
         mean = torch.where(n_a == 0, other.mean, torch.where(n_b == 0, self.mean, mean))
         var = torch.where(n_a == 0, other.var, torch.where(n_b == 0, self.var, var))
         return ScopeStats(mean, var.clamp_min(0).sqrt(), n, self.names or other.names)
+
+    def all_reduce(self, group: Any = None) -> ScopeStats:
+        """The statistics of the union of every rank's data (e.g. each rank holds a shard of
+        the same tensors), the same on every rank: every rank's statistics Chan-merged in
+        rank order. ScopeStats is immutable, so this returns a new object. A collective:
+        every rank calls it (see :func:`fastmerge.dist.all_reduce_`).
+
+        Example:
+            >>> import os, tempfile
+            >>> import torch.distributed as tdist
+            >>> rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
+            >>> tdist.init_process_group("gloo", init_method=f"file://{rendezvous}",
+            ...                          rank=0, world_size=1)
+            >>> fastmerge.scope_stats([torch.arange(4.0)]).all_reduce().mean.tolist()
+            [1.5]
+            >>> tdist.destroy_process_group()
+        """
+        from .dist import all_reduce_  # dist imports this module
+
+        return all_reduce_(self, group)

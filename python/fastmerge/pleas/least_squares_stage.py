@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Optional
 import torch
 from torch import nn
 
+from ..dist import all_reduce_values, should_reduce
 from ..least_squares import LeastSquares
 from .groups import PermutationSpec
 from .matching import (
@@ -70,7 +71,9 @@ def _batch_list(data: Iterable[Any]) -> Iterable[Any]:
     return list(data) if iter(data) is data else data  # an iterator is consumed once
 
 
-def recompute_batchnorm(model: nn.Module, data: Iterable[Any]) -> nn.Module:
+def recompute_batchnorm(
+    model: nn.Module, data: Iterable[Any], *, distributed: Optional[bool] = None
+) -> nn.Module:
     """Re-estimate every BatchNorm layer's running statistics of ``model`` on ``data``, in
     place, and return ``model``.
 
@@ -78,6 +81,13 @@ def recompute_batchnorm(model: nn.Module, data: Iterable[Any]) -> nn.Module:
     (``momentum=None``) in forward passes without gradients with only the BatchNorm layers
     in train mode (dropout and the rest stay in eval mode). The training flags and momenta
     are restored afterwards. A model without BatchNorm is returned unchanged.
+
+    With ``distributed`` (default: when a torch.distributed process group of more than one
+    rank is initialized) each rank passes its own shard of the data, and the running means
+    and variances are then averaged over every rank's batches (each layer's averages
+    weighted by its batch count, in float64), so every rank ends with the statistics of
+    all the batches, as one process would compute them up to rounding. A rank may then
+    have no batches.
 
     Example:
         >>> from torch import nn
@@ -90,6 +100,7 @@ def recompute_batchnorm(model: nn.Module, data: Iterable[Any]) -> nn.Module:
     bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not bns:
         return model
+    reduce = should_reduce(distributed)
     batches = _batch_list(data)
     flags = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in bns]
@@ -110,9 +121,36 @@ def recompute_batchnorm(model: nn.Module, data: Iterable[Any]) -> nn.Module:
             m.training = flag
         for m, momentum in momenta:
             m.momentum = momentum
+    if reduce:
+        n = _average_batchnorm_over_ranks(bns, n)
     if n == 0:
         raise ValueError("data is empty: it yielded no batches")
     return model
+
+
+def _average_batchnorm_over_ranks(bns: list[nn.Module], n_batches: int) -> int:
+    """Average the running statistics of `bns` over the ranks, weighted by how many batches
+    each layer saw on each rank (one all_reduce); returns the total number of batches."""
+    device = bns[0].running_mean.device
+    parts = [torch.tensor([float(n_batches)], dtype=torch.float64, device=device)]
+    for m in bns:
+        seen = float(m.num_batches_tracked)
+        parts += [
+            torch.tensor([seen], dtype=torch.float64, device=device),
+            seen * m.running_mean.to(device, torch.float64),
+            seen * m.running_var.to(device, torch.float64),
+        ]
+    sizes = [p.numel() for p in parts]
+    totals = all_reduce_values(torch.cat(parts).tolist())
+    pieces = torch.split(torch.tensor(totals, dtype=torch.float64), sizes)
+    for i, m in enumerate(bns):
+        seen, mean_sum, var_sum = pieces[1 + 3 * i : 4 + 3 * i]
+        if float(seen) > 0:
+            with torch.no_grad():
+                m.running_mean.copy_(mean_sum / seen)
+                m.running_var.copy_(var_sum / seen)
+                m.num_batches_tracked.fill_(int(seen))
+    return int(pieces[0])
 
 
 def _layout_features(
@@ -243,6 +281,7 @@ def solve_least_squares(
     ridge: float = 1e-4,
     sequential: bool = False,
     layers: Optional[Iterable[str]] = None,
+    distributed: Optional[bool] = None,
 ) -> dict[str, LayerFit]:
     """Overwrite the Conv/Linear weights of ``merged`` (in place) with the least-squares fit of
     ``model_a`` and ``model_b``'s features; return each layer's objective before and after.
@@ -261,6 +300,11 @@ def solve_least_squares(
     layer): one or two passes over the data per layer instead of one in all. The BatchNorm
     statistics of ``merged`` are not re-estimated at the end: call
     :func:`recompute_batchnorm`.
+
+    With ``distributed`` (default: when a torch.distributed process group of more than one
+    rank is initialized) each rank passes its own shard of the data; the Gram and cross
+    matrices are summed over the ranks (:meth:`fastmerge.LeastSquares.all_reduce`) before
+    the solves, so every rank writes the same weights into its ``merged``.
 
     Raises:
         NotImplementedError: a layer that is not ``nn.Linear`` or ``nn.Conv2d`` (groups=1,
@@ -308,6 +352,7 @@ def solve_least_squares(
                     f"in the layout but {size} in merged; was merged built from these layouts?"
                 )
         fits[name] = _Fit(name, module, lin, lout)
+    reduce = should_reduce(distributed)
     rounds = [[n] for n in names] if sequential else [names]
     out: dict[str, LayerFit] = {}
     flags = [
@@ -317,8 +362,12 @@ def solve_least_squares(
     try:
         for todo in rounds:
             if sequential:
-                recompute_batchnorm(merged, batches)
-            _accumulate(merged, model_a, model_b, batches, mods, fits, todo, sequential)
+                recompute_batchnorm(merged, batches, distributed=reduce)
+            n = _accumulate(merged, model_a, model_b, batches, mods, fits, todo, sequential)
+            if reduce:  # every rank reaches the collectives, then all raise alike
+                n = _sum_over_ranks([fits[name] for name in todo], n)
+            if n == 0:
+                raise ValueError("data is empty: it yielded no batches")
             for name in todo:
                 out[name] = fits[name].solve(ridge)
     finally:
@@ -327,7 +376,18 @@ def solve_least_squares(
     return {name: out[name] for name in names}
 
 
-def _accumulate(merged, model_a, model_b, batches, mods, fits, todo, sequential) -> None:
+def _sum_over_ranks(fits: list[_Fit], n_batches: int) -> int:
+    """Sum the layers' accumulators and target norms over the ranks; returns the total
+    number of batches. The same layers in the same order on every rank."""
+    totals = all_reduce_values([float(n_batches)] + [fit.yy for fit in fits])
+    for fit, yy in zip(fits, totals[1:]):
+        fit.ls.all_reduce()
+        fit.yy = yy
+    return int(totals[0])
+
+
+def _accumulate(merged, model_a, model_b, batches, mods, fits, todo, sequential) -> int:
+    """Feed the layers of `todo` from every batch; returns the number of batches."""
     store: dict = {}
     handles = []
     dev_a, dev_b, dev_m = _device_of(model_a), _device_of(model_b), _device_of(merged)
@@ -369,5 +429,4 @@ def _accumulate(merged, model_a, model_b, batches, mods, fits, todo, sequential)
     finally:
         for h in handles:
             h.remove()
-    if n == 0:
-        raise ValueError("data is empty: it yielded no batches")
+    return n

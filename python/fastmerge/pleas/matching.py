@@ -34,6 +34,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 import torch
 from torch import nn
 
+from ..dist import all_reduce_values, should_reduce
 from ..features import FeatureStats
 from ..ops.linear_assignment import linear_assignment
 from .groups import PermutationSpec, _named_tensors, permutation_groups
@@ -213,6 +214,7 @@ def collect_features(
     *,
     full: bool = False,
     max_batches: Optional[int] = None,
+    distributed: Optional[bool] = None,
 ) -> dict[str, FeatureStats]:
     """Stream both models' activations into one :class:`~fastmerge.FeatureStats` per group.
 
@@ -230,10 +232,15 @@ def collect_features(
         data: iterable of batches; at most ``max_batches`` of them are used.
         spec: the permutation groups, e.g. from :func:`permutation_groups`.
         full: accumulate the within-model blocks too (``FeatureStats(full=True)``).
+        distributed: sum the statistics over the ranks of the torch.distributed process
+            group (each rank passes its own shard of the data; every rank gets the
+            statistics of all shards, see :mod:`fastmerge.dist`); ``None``: when a group
+            of more than one rank is initialized. A rank may then have no batches.
 
     Raises:
         ValueError: different architectures (naming the first mismatching parameter),
-            ``data`` without batches, a group with no capture point or no activations.
+            ``data`` without batches (on every rank, when distributed), a group with no
+            capture point or no activations.
 
     Example:
         >>> from torch import nn
@@ -248,6 +255,7 @@ def collect_features(
     spec = _check_spec(spec)
     _check_spec_fits(model_a, spec)
     _check_max_batches(max_batches)
+    reduce = should_reduce(distributed)
     batches = _batches(data)
     points = _capture_points(model_a, spec)
     stats = {name: FeatureStats(full=full) for name in points}
@@ -326,6 +334,10 @@ def collect_features(
             m.training = flag
         for q in pending.values():
             q.clear()
+    if reduce:  # every rank reaches the collectives, then all raise alike
+        (n_batches,) = all_reduce_values([n_batches])
+        for s in stats.values():  # the same groups in the same order on every rank
+            s.all_reduce()
     if n_batches == 0:
         raise ValueError("data is empty: it yielded no batches")
     for name, s in stats.items():
@@ -401,6 +413,7 @@ def match(
     cost: str = "neg_sq_distance",
     example_input: Any = None,
     max_batches: Optional[int] = None,
+    distributed: Optional[bool] = None,
 ) -> dict[str, GroupMatch]:
     """Match the units of ``model_b`` to those of ``model_a``, every permutation group.
 
@@ -417,6 +430,10 @@ def match(
         spec: the groups; default ``permutation_groups(model_a, example_input)``.
         cost: the similarity to maximize.
         example_input: input for tracing when ``spec`` is None; default: the first batch.
+        distributed: match on the data of every rank of the torch.distributed process
+            group, each rank passing its own shard (see :func:`collect_features`); every
+            rank gets the same matching. ``None``: when a group of more than one rank is
+            initialized. Without ``spec``, every rank needs at least one batch.
 
     Returns:
         ``{group name: GroupMatch}`` in the spec's group order.
@@ -454,7 +471,9 @@ def match(
         example_input = _to_device(example_input, _device_of(model_a))
         spec = permutation_groups(model_a, example_input)
     spec = _check_spec(spec)
-    stats = collect_features(model_a, model_b, batches, spec, max_batches=max_batches)
+    stats = collect_features(
+        model_a, model_b, batches, spec, max_batches=max_batches, distributed=distributed
+    )
     return _solve(stats, cost)
 
 

@@ -279,6 +279,7 @@ def merge(
     data_free: bool = False,
     spec: Optional[PermutationSpec] = None,
     reset_bn: bool = True,
+    distributed: Optional[bool] = None,
 ) -> nn.Module:
     """Merge two models of the same architecture into one ordinary ``nn.Module`` whose
     Conv/Linear FLOPs are at most ``budget`` times one model's.
@@ -304,6 +305,11 @@ def merge(
     FLOPs, per-layer least-squares fits and ``data_free``). The input models are not
     modified. ``spec`` defaults to :func:`~fastmerge.pleas.permutation_groups` of ``model_a``
     on the first batch.
+
+    Under torch.distributed (``distributed``, default: when a process group of more than
+    one rank is initialized), each rank passes its own shard of ``data`` (at least one
+    batch) and every statistic is summed over the ranks (:mod:`fastmerge.dist`): every
+    rank returns the same merged model, that of all shards' data.
 
     Raises:
         ValueError: different architectures or parameter shapes (naming the first), budget
@@ -353,7 +359,7 @@ def merge(
     if method == "average":
         layouts = identity_layouts(spec)
     else:
-        matches = match(model_a, model_b, batches, spec, cost=cost)
+        matches = match(model_a, model_b, batches, spec, cost=cost, distributed=distributed)
         ratios = (
             {g: 0.0 for g in spec.groups}
             if method == "permute" or b == 1.0
@@ -363,10 +369,18 @@ def merge(
     merged = merge_weights(model_a, model_b, spec, layouts)
     if method == "pleas":
         fits = solve_least_squares(
-            merged, model_a, model_b, batches, spec, layouts, ridge=ridge, sequential=sequential
+            merged,
+            model_a,
+            model_b,
+            batches,
+            spec,
+            layouts,
+            ridge=ridge,
+            sequential=sequential,
+            distributed=distributed,
         )
     if reset_bn:
-        recompute_batchnorm(merged, batches)
+        recompute_batchnorm(merged, batches, distributed=distributed)
     realized = {g: lay.ratio for g, lay in layouts.items()}
     merged.fastmerge_info = {
         "method": method,

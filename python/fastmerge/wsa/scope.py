@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..dist import should_reduce
 from ..ops.scope_stats import scope_stats
 from ..stats import ScopeStats
 
@@ -54,7 +55,11 @@ def scoped_parameters(
 
 
 def scope_of(
-    module: nn.Module, include: Optional[Include] = None, *, backend: Optional[str] = None
+    module: nn.Module,
+    include: Optional[Include] = None,
+    *,
+    backend: Optional[str] = None,
+    distributed: bool = False,
 ) -> ScopeStats:
     """The weight scope of a model: mean and std of each selected parameter.
 
@@ -62,6 +67,12 @@ def scope_of(
         module: any ``nn.Module``.
         include: parameter filter (default :func:`linear_and_conv_weights`).
         backend: as for :func:`fastmerge.scope_stats`.
+        distributed: each rank of the torch.distributed process group holds a shard of
+            every selected parameter (e.g. tensor-parallel or flat FSDP shards, possibly
+            empty): merge the shards' statistics over the ranks
+            (:meth:`fastmerge.ScopeStats.all_reduce`). Off by default, unlike the data
+            functions of :mod:`fastmerge.pleas`, because replicated parameters (DDP) must
+            not be counted once per rank.
 
     Returns:
         :class:`~fastmerge.ScopeStats` whose ``names`` are the parameters' names.
@@ -77,7 +88,8 @@ def scope_of(
             "no parameter of the module matches `include` (default: Linear/Conv weights)"
         )
     stats = scope_stats([p.detach() for _, p in named], backend=backend)
-    return ScopeStats(stats.mean, stats.std, stats.count, tuple(name for name, _ in named))
+    stats = ScopeStats(stats.mean, stats.std, stats.count, tuple(name for name, _ in named))
+    return stats.all_reduce() if should_reduce(distributed) else stats
 
 
 def fuse_scopes(
