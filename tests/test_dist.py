@@ -371,3 +371,119 @@ def test_without_a_process_group_nothing_is_reduced_and_explicit_requests_fail()
     model = _mlp(0)
     with pytest.raises(RuntimeError, match="no torch.distributed process group"):
         pleas.recompute_batchnorm(model, _model_data(), distributed=True)
+
+
+# ---- fastmerge merge on two ranks ---------------------------------------------------------
+
+
+def _write_models(root) -> str:
+    """Three small safetensors models and a TIES config; returns the config's path."""
+    import safetensors.torch
+
+    g = torch.Generator().manual_seed(4)
+    shapes = {"embed.weight": (33, 8), "layer.0.weight": (8, 8), "layer.0.bias": (8,),
+              "layer.1.weight": (16, 8), "head.weight": (5, 16), "scale": ()}  # fmt: skip
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    for name in ("base", "a", "b"):
+        delta = {k: 0.1 * torch.randn(s, generator=g) for k, s in shapes.items()}
+        tensors = base if name == "base" else {k: base[k] + delta[k] for k in shapes}
+        safetensors.torch.save_file(tensors, str(root / f"{name}.safetensors"))
+    config = root / "ties.yaml"
+    config.write_text(
+        "merge_method: ties\n"
+        f"base_model: {root / 'base.safetensors'}\n"
+        "models:\n"
+        f"  - model: {root / 'a.safetensors'}\n"
+        "    parameters: {weight: 0.6, density: 0.5}\n"
+        f"  - model: {root / 'b.safetensors'}\n"
+        "    parameters: {weight: 0.4, density: 0.7}\n"
+    )
+    return str(config)
+
+
+def _read_output(out) -> dict[str, torch.Tensor]:
+    from fastmerge.io import open_checkpoint
+
+    return dict(open_checkpoint(out).items())
+
+
+def _cli_scenario(config: str, out: str, fail: str = ""):
+    """Each rank runs the CLI (the process group exists: it is used as it is)."""
+
+    def scenario(rank: int, world: int) -> dict:
+        from unittest import mock
+
+        from fastmerge.cli import main
+        from fastmerge.io import ShardedWriter
+
+        patches = []
+        if fail == "rank 1 while writing" and rank == 1:
+            patches.append(
+                mock.patch.object(ShardedWriter, "write", side_effect=OSError("disk full"))
+            )
+        if fail == "rank 0 while publishing" and rank == 0:
+            patches.append(mock.patch.object(ShardedWriter, "_replace",
+                                             side_effect=OSError("rename failed")))  # fmt: skip
+        import contextlib
+        import io
+
+        err = io.StringIO()
+        with contextlib.ExitStack() as stack:
+            for p in patches:
+                stack.enter_context(p)
+            stack.enter_context(contextlib.redirect_stderr(err))
+            code = main(["merge", config, "--out", out, "--quiet", "--shard-size", "600"])
+        return {"code": code, "stderr": err.getvalue()}
+
+    return scenario
+
+
+def test_cli_merge_on_two_ranks_is_bit_identical_to_one_process(tmp_path):
+    config = _write_models(tmp_path)
+    from fastmerge.cli import main
+
+    assert main(["merge", config, "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    results = run_ranks(tmp_path, _cli_scenario(config, str(tmp_path / "two")))
+    assert [r["code"] for r in results] == [0, 0], [r["stderr"] for r in results]
+    one, two = _read_output(tmp_path / "one"), _read_output(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for name, value in one.items():
+        assert two[name].dtype == value.dtype and torch.equal(two[name], value), name
+    index = (tmp_path / "two" / "model.safetensors.index.json").read_text()
+    shards = {f.name for f in (tmp_path / "two").glob("*.safetensors")}
+    assert len(shards) > 1 and all(s in index for s in shards)  # both ranks' shards indexed
+    assert not list(tmp_path.glob(".two*"))  # no temporary directory left
+
+
+@pytest.mark.parametrize("fail", ["rank 1 while writing", "rank 0 while publishing"])
+def test_cli_merge_failure_on_one_rank_leaves_nothing(tmp_path, fail):
+    config = _write_models(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    results = run_ranks(tmp_path, _cli_scenario(config, str(tmp_path / "out"), fail))
+    assert [r["code"] for r in results] == [2, 2]
+    failing = 1 if fail.startswith("rank 1") else 0
+    assert ("disk full" if failing else "rename failed") in results[failing]["stderr"]
+    assert "rank" in results[1 - failing]["stderr"] and "failed" in results[1 - failing]["stderr"]
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(("rank", "rendez")))
+    assert left == before  # no output, no temporary directory
+
+
+def test_cli_merge_under_torchrun(tmp_path):
+    """The real launch: torchrun starts two ranks that join the group from the environment."""
+    import subprocess
+    import sys
+
+    config = _write_models(tmp_path)
+    from fastmerge.cli import main
+
+    assert main(["merge", config, "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "-m", "fastmerge.cli", "merge", config,
+               "--out", str(tmp_path / "two"), "--shard-size", "600"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("merged 6 tensors") == 1  # rank 0 prints the whole merge's summary
+    one, two = _read_output(tmp_path / "one"), _read_output(tmp_path / "two")
+    assert one.keys() == two.keys()
+    assert all(torch.equal(two[name], value) for name, value in one.items())

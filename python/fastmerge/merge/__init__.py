@@ -18,14 +18,18 @@ Example:
 """
 
 from ._select import StateDict, key_selector
+from .generalized import TensorMerge, generalized_task_arithmetic, keep_entries
 from .static import average, dare, task_arithmetic, task_vectors
 from .ties import keep_count, ties
 
 __all__ = [
     "StateDict",
+    "TensorMerge",
     "average",
     "dare",
+    "generalized_task_arithmetic",
     "keep_count",
+    "keep_entries",
     "key_selector",
     "task_arithmetic",
     "task_vectors",

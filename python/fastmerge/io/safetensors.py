@@ -1,0 +1,329 @@
+"""The safetensors file format: a validated header and lazy, positioned reads.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
+(``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``) and
+the tensor bytes, offsets counted from the end of the header. :class:`SafetensorsReader`
+validates the whole header when it opens the file (so that a corrupt or truncated file
+fails before anything is merged or written) and reads one tensor per access with
+``os.preadv`` straight into the tensor's own storage: no memory map (whose touched pages
+would stay in the process's resident memory), no intermediate copy, and the GIL is
+released during the read so a background thread can prefetch while torch computes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: safetensors dtype names -> torch dtypes (those this torch build has).
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr)
+    for name, attr in {
+        "F64": "float64",
+        "F32": "float32",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
+        "I64": "int64",
+        "I32": "int32",
+        "I16": "int16",
+        "I8": "int8",
+        "U64": "uint64",
+        "U32": "uint32",
+        "U16": "uint16",
+        "U8": "uint8",
+        "BOOL": "bool",
+    }.items()
+    if hasattr(torch, attr)
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+#: A header larger than this is refused as corrupt (the format's own limit is 100 MB).
+MAX_HEADER_BYTES = 100_000_000
+#: Largest single read: Linux transfers at most about 2 GiB per read call.
+_MAX_READ = 1 << 30
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or merged: missing, corrupt, truncated, or not
+    matching the others. The message names the file and, where there is one, the key."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives in its file and what it is, from the header alone.
+
+    Example:
+        >>> import torch
+        >>> info = TensorInfo("w", torch.float32, (2, 3), 0, 24)
+        >>> info.nbytes, info.numel
+        (24, 6)
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype, e.g. ``"BF16"``.
+
+    Example:
+        >>> import torch
+        >>> dtype_name(torch.bfloat16)
+        'BF16'
+    """
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+def _fail(path: PathLike, what: str) -> CheckpointError:
+    return CheckpointError(f"{os.fspath(path)}: {what}")
+
+
+def read_header(path: PathLike) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Parse and validate the header of a safetensors file.
+
+    Returns ``(tensors, metadata, data_start)``: the tensors by name, the
+    ``__metadata__`` strings and the file offset of the first data byte.
+
+    Raises:
+        CheckpointError: the file is missing, too short, its header is not JSON, names an
+            unknown dtype, has a size inconsistent with its shape, or an offset outside
+            the file or overlapping another tensor (the message names file and key).
+
+    Example:
+        >>> import tempfile, torch, safetensors.torch
+        >>> path = tempfile.mkdtemp() + "/m.safetensors"
+        >>> safetensors.torch.save_file({"w": torch.ones(2, 3)}, path)
+        >>> tensors, metadata, start = read_header(path)
+        >>> tensors["w"].shape, tensors["w"].dtype, tensors["w"].nbytes
+        ((2, 3), torch.float32, 24)
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _fail(path, f"truncated: {size} bytes, not a safetensors file")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > min(MAX_HEADER_BYTES, size - 8):
+                raise _fail(path, f"truncated or corrupt: header of {length} bytes in {size}")
+            raw = f.read(length)
+    except FileNotFoundError:
+        raise _fail(path, "no such file") from None
+    except IsADirectoryError:
+        raise _fail(path, "is a directory, not a safetensors file") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(path, f"corrupt header (not JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "corrupt header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + length
+    tensors = {name: _tensor_info(path, name, entry) for name, entry in header.items()}
+    _check_layout(path, tensors, size - data_start)
+    return tensors, metadata, data_start
+
+
+def _tensor_info(path: PathLike, name: str, entry: Any) -> TensorInfo:
+    """One header entry, checked: known dtype, integer shape, size matching the shape."""
+    if not isinstance(entry, dict):
+        raise _fail(path, f"key {name!r}: header entry is not an object")
+    dtype = DTYPES.get(entry.get("dtype"))
+    if dtype is None:
+        raise _fail(path, f"key {name!r}: unknown dtype {entry.get('dtype')!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise _fail(path, f"key {name!r}: bad shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise _fail(path, f"key {name!r}: bad data_offsets {offsets!r}")
+    info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+    expected = info.numel * dtype.itemsize
+    if info.nbytes != expected:
+        raise _fail(
+            path,
+            f"key {name!r}: {info.nbytes} bytes for shape {shape} {entry['dtype']} "
+            f"({expected} expected)",
+        )
+    return info
+
+
+def _check_layout(path: PathLike, tensors: dict[str, TensorInfo], data_size: int) -> None:
+    """Every tensor inside the data section and no two tensors overlapping."""
+    previous_end, previous = 0, None
+    for info in sorted(tensors.values(), key=lambda i: (i.begin, i.end)):
+        if info.end > data_size:
+            raise _fail(
+                path,
+                f"truncated: key {info.name!r} ends at byte {info.end} of a "
+                f"{data_size}-byte data section",
+            )
+        if info.begin < previous_end and info.nbytes > 0:
+            raise _fail(path, f"corrupt: key {info.name!r} overlaps key {previous!r}")
+        if info.nbytes > 0:
+            previous_end, previous = info.end, info.name
+
+
+class SafetensorsReader(Mapping):
+    """A lazy, read-only ``Mapping[str, Tensor]`` over one safetensors file.
+
+    Opening reads and validates the header only; ``reader[name]`` reads that tensor's
+    bytes (one positioned read into a fresh CPU tensor) every time it is accessed.
+    ``reader.info(name)`` gives dtype, shape and size without reading.
+
+    Example:
+        >>> import tempfile, torch, safetensors.torch
+        >>> path = tempfile.mkdtemp() + "/m.safetensors"
+        >>> safetensors.torch.save_file({"a": torch.arange(3.0), "b": torch.ones(2)}, path)
+        >>> reader = SafetensorsReader(path)
+        >>> sorted(reader), reader["a"].tolist(), reader.info("b").shape
+        (['a', 'b'], [0.0, 1.0, 2.0], (2,))
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = os.fspath(path)
+        self.tensors, self.metadata, self._data_start = read_header(self.path)
+        self._fd: int | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        return self.read(info)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read it
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        """Dtype, shape and location of `name`, from the header (nothing is read)."""
+        return self.tensors[name]
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        """Read one tensor into a new contiguous CPU tensor (thread-safe)."""
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            self._read_into(buffer, self._data_start + info.begin, info.name)
+        return buffer.view(info.dtype).reshape(info.shape)
+
+    def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        """Read rows ``start:stop`` (first dimension) of a tensor: one positioned read
+        of just those bytes."""
+        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+            raise IndexError(f"{self.path}: rows {start}:{stop} of key {info.name!r} {info.shape}")
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        buffer = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        if buffer.numel():
+            self._read_into(buffer, self._data_start + info.begin + start * row_bytes, info.name)
+        return buffer.view(info.dtype).reshape(stop - start, *info.shape[1:])
+
+    def _read_into(self, buffer: torch.Tensor, offset: int, name: str) -> None:
+        view = memoryview(buffer.numpy()).cast("B")
+        fd = self._descriptor()
+        done = 0
+        while done < len(view):
+            try:
+                got = os.preadv(fd, [view[done : done + _MAX_READ]], offset + done)
+            except OSError as exc:
+                raise _fail(self.path, f"key {name!r}: read failed ({exc})") from None
+            if got == 0:
+                raise _fail(self.path, f"truncated while reading key {name!r}")
+            done += got
+
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except OSError as exc:
+                raise _fail(self.path, f"cannot open ({exc.strerror})") from None
+        return self._fd
+
+    def close(self) -> None:
+        """Close the file descriptor (a later access reopens it)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to do
+            pass
+
+    def __repr__(self) -> str:
+        return f"SafetensorsReader({self.path!r}, {len(self)} tensors)"
+
+
+def header_bytes(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata=None) -> bytes:
+    """The length prefix and JSON header of a file holding `entries` in order, padded
+    with spaces to a multiple of 8 bytes so that every tensor is 8-byte aligned.
+
+    Example:
+        >>> import torch
+        >>> blob = header_bytes([("w", torch.float32, (2,))])
+        >>> len(blob) % 8, blob[8:].decode().strip()
+        (0, '{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}')
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {
+            "dtype": dtype_name(dtype),
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU tensor in C order (a view when it is contiguous).
+
+    Example:
+        >>> import torch
+        >>> bytes(tensor_bytes(torch.tensor([1], dtype=torch.int16)))
+        b'\\x01\\x00'
+    """
+    flat = tensor.detach().reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
