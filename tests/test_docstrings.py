@@ -51,6 +51,8 @@ MODULES = [
     "fastmerge.cli.distributed",
     "fastmerge.cli.config",
     "fastmerge.cli.merge",
+    "fastmerge.cli.twin",
+    "fastmerge.cli.pleas",
     "fastmerge.cli.bench",
     "fastmerge.twin",
     "fastmerge.twin.svd",

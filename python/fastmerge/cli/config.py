@@ -20,11 +20,15 @@ three optional top-level keys: ``seed`` (DARE masks), ``include`` and ``exclude`
 of the tensor names to merge; the others are copied from the base). Unknown keys, and
 values fastmerge does not support (gradient lists, ``tokenizer_source: union``, ...), are
 errors that say what is accepted.
+
+fastmerge's own methods ``twin`` (:mod:`fastmerge.cli.twin`) and ``pleas``
+(:mod:`fastmerge.cli.pleas`) have their own keys, described in those modules.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -77,6 +81,8 @@ METHOD_PARAMETERS: dict[str, dict[str, Any]] = {
         "rescale": True,
     },
 }
+#: fastmerge's own methods, parsed and run by :mod:`fastmerge.cli.twin` / ``.pleas``.
+OWN_METHODS = ("twin", "pleas")
 #: Parameters that belong to each model (the others are shared by all models).
 PER_MODEL = ("weight", "density")
 DTYPES = {
@@ -100,6 +106,7 @@ class ModelEntry:
 
     path: Path
     parameters: dict[str, float] = field(default_factory=dict)
+    name: Optional[str] = None  # the task name (``twin``)
 
 
 @dataclass
@@ -124,6 +131,7 @@ class MergeConfig:
     include: Any = None
     exclude: Any = None
     raw: dict[str, Any] = field(default_factory=dict)
+    module_path: Optional[Path] = None  # ``pleas``: a directory prepended to sys.path
 
     @property
     def output_dtype(self) -> Optional[torch.dtype]:
@@ -212,12 +220,14 @@ def parse_config(raw: Any, source: str = "config") -> MergeConfig:
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a merge configuration must be a YAML mapping")
-    _unknown(raw, TOP_LEVEL_KEYS, source)
     method = raw.get("merge_method")
+    if method in OWN_METHODS:
+        return _parse_own_method(raw, source)
+    _unknown(raw, TOP_LEVEL_KEYS, source)
     if method not in METHOD_PARAMETERS:
         raise ConfigError(
             f"{source}: merge_method {method!r} is not supported; valid: "
-            f"{', '.join(METHOD_PARAMETERS)}"
+            f"{', '.join([*METHOD_PARAMETERS, *OWN_METHODS])}"
         )
     valid = METHOD_PARAMETERS[method]
     shared = dict(valid)
@@ -267,3 +277,88 @@ def parse_config(raw: Any, source: str = "config") -> MergeConfig:
         exclude=raw.get("exclude"),
         raw=raw,
     )
+
+
+def _parse_own_method(raw: dict[str, Any], source: str) -> MergeConfig:
+    if raw["merge_method"] == "twin":
+        from .twin import parse_twin  # imported late: it imports this module
+
+        return parse_twin(raw, source)
+    from .pleas import parse_pleas
+
+    return parse_pleas(raw, source)
+
+
+def model_entries(models: Any, valid: Sequence[str], source: str) -> list[dict[str, Any]]:
+    """The ``models`` list as mappings with a ``model`` key and only `valid` keys (a bare
+    path stands for ``{model: PATH}``).
+
+    Example:
+        >>> model_entries(["a", {"model": "b", "name": "math"}], ("model", "name"), "cfg")
+        [{'model': 'a'}, {'model': 'b', 'name': 'math'}]
+    """
+    if not isinstance(models, list) or not models:
+        raise ConfigError(f"{source}: 'models' must be a non-empty list of {{model: PATH}}")
+    entries = []
+    for i, entry in enumerate(models):
+        where = f"{source}: models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise ConfigError(f"{where} must be a mapping with a 'model' key")
+        _unknown(entry, valid, where)
+        entries.append(entry)
+    return entries
+
+
+def check_keys(raw: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
+    """ConfigError naming the first key of `raw` not in `valid`, listing the valid ones.
+
+    Example:
+        >>> check_keys({"rank": 1, "colour": 2}, ("rank",), "twin parameters")
+        Traceback (most recent call last):
+        ...
+        fastmerge.cli.config.ConfigError: twin parameters: unknown key 'colour'; valid keys: rank
+    """
+    _unknown(raw, valid, where)
+
+
+def output_dtype(value: Any, key: str = "dtype") -> Optional[torch.dtype]:
+    """The torch dtype of a config's ``dtype`` value (None stays None).
+
+    Example:
+        >>> output_dtype("bf16")
+        torch.bfloat16
+    """
+    return _dtype(value, key)
+
+
+def tokenizer_path(raw: Mapping[str, Any], default: Optional[Path], source: str) -> Optional[Path]:
+    """Where config/tokenizer files are copied from: ``tokenizer_source`` (a path, or
+    ``base``/absent for `default`); ``union`` is refused.
+
+    Example:
+        >>> tokenizer_path({}, Path("base"), "cfg")
+        PosixPath('base')
+    """
+    value = raw.get("tokenizer_source")
+    if value == "union":
+        raise ConfigError(
+            f"{source}: tokenizer_source 'union' is not supported; use 'base' or a path"
+        )
+    if value in (None, "base"):
+        return default
+    return Path(str(value))
+
+
+def seed_of(raw: Mapping[str, Any], source: str) -> int:
+    """The ``seed`` key (default 0), checked to be an integer.
+
+    Example:
+        >>> seed_of({"seed": 3}, "cfg")
+        3
+    """
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"{source}: seed must be an integer, got {seed!r}")
+    return seed

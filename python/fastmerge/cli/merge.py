@@ -11,6 +11,9 @@ names this process merges (a deterministic, size-balanced assignment,
 :func:`fastmerge.io.partition_names`); every rank writes its own shards into one shared
 temporary directory and rank 0, after ``barrier()``, writes the index and moves the
 directory into place.
+
+``merge_method: twin`` and ``pleas`` are fastmerge's own methods (:mod:`fastmerge.cli.twin`,
+:mod:`fastmerge.cli.pleas`): they build the merge in memory, then write it the same way.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from ..io import (
 )
 from ..io._memory import allocate_large_blocks_with_mmap
 from ..io.writer import check_output_dir
-from .config import ConfigError, MergeConfig, load_config
+from .config import OWN_METHODS, ConfigError, MergeConfig, load_config
 
 PathLike = Union[str, "os.PathLike[str]"]
 CONFIG_NAME = "fastmerge_config.yaml"
@@ -292,6 +295,17 @@ def run_merge(
     check_output_dir(out_dir, overwrite)
     if threads is not None:
         _set_threads(threads)
+    if cfg.method in OWN_METHODS:
+        if world_size > 1:
+            raise ConfigError(f"merge_method {cfg.method} runs on one rank only")
+        options = {
+            "device": device,
+            "overwrite": overwrite,
+            "allow_pickle": allow_pickle,
+            "shard_bytes": shard_bytes,
+            "progress": progress,
+        }
+        return _run_own_method(cfg, out_dir, options)
     allocate_large_blocks_with_mmap()  # freed tensors leave the process at once
     merger = key_merger(cfg)
     models = open_models(cfg.all_models(), allow_pickle)
@@ -322,7 +336,7 @@ def run_merge(
                     del tensors, on_device, merged  # before the next read is allowed
                 if bar is not None:
                     bar.update(sum(m.info(name).nbytes for m in models))
-        _add_extra_files(writer, cfg)
+        add_extra_files(writer, cfg)
         writer.commit(barrier)
     except BaseException:
         writer.abort()
@@ -381,7 +395,19 @@ def _set_threads(threads: int) -> None:
         pass
 
 
-def _add_extra_files(writer: ShardedWriter, cfg: MergeConfig) -> None:
+def _run_own_method(cfg: MergeConfig, out_dir: PathLike, options: dict) -> MergeSummary:
+    if cfg.method == "twin":
+        from .twin import run_twin
+
+        return run_twin(cfg, out_dir, **options)
+    from .pleas import run_pleas
+
+    return run_pleas(cfg, out_dir, **options)
+
+
+def add_extra_files(writer: ShardedWriter, cfg: MergeConfig) -> None:
+    """Add the config/tokenizer files of ``cfg.tokenizer_source`` (``config.json`` with
+    the output dtype) and ``fastmerge_config.yaml`` to the output being written."""
     import yaml
 
     for f in extra_files(cfg.tokenizer_source):
