@@ -6,8 +6,8 @@ BasicBlocks [2, 2, 2, 2] of widths 64-128-256-512, projection shortcuts, 10 clas
 and 1, on 3 x 32 x 32 inputs (so the stages run at 8x8, 4x4, 2x2 and 1x1 pixels: feasible
 on a 2-core CPU). Their BatchNorm statistics are first estimated on the data. Data:
 ``N_IMAGES`` seeded Gaussian images in batches of 128: 256 by default
-(``FASTMERGE_BENCH_PLEAS_IMAGES``; the issue's 2,048 did not fit the time on a shared 2-core
-VM). The merged model is PLeaS' at budget 1.2
+(``FASTMERGE_BENCH_PLEAS_IMAGES``; the published part-1 figures used 2,048, which takes
+about two hours on a shared 2-core VM, mostly Adam). The merged model is PLeaS' at budget 1.2
 (``match``, greedy ``allocate``, ``layouts_for``, ``merge_weights``): 21 Conv/Linear layers.
 
 Part 1, group ``pleas_least_squares-resnet18`` (pytest-benchmark). Every layer's inputs
@@ -15,8 +15,8 @@ Part 1, group ``pleas_least_squares-resnet18`` (pytest-benchmark). Every layer's
 as ``solve_least_squares`` lays them out and cached once, untimed, on the first
 ``LS_IMAGES`` images (default 32, ``FASTMERGE_BENCH_PLEAS_LS_IMAGES``): 400 full-batch
 Adam steps on all of ResNet-18's layers cost about 400 x 2 forward passes of the merged
-model (~60 GFLOP per image), so the Adam peer runs on few images, and so does the closed
-form (same samples, same objective). Providers:
+model, so by default the Adam peer runs on few images, and so does the closed form (same
+samples, same objective); the published run sets both variables to 2,048. Providers:
 
 * ``fastmerge-closed-form``: for every layer ``LeastSquares(d_in, d_out).update(X~, Y~)``
   and ``.solve(ridge=1e-4, blocks=allowed_inputs(...))`` on the cached features;
