@@ -1,6 +1,6 @@
-"""PLeaS (Permutations and Least Squares) merging — in progress.
+"""PLeaS (Permutations and Least Squares) merging.
 
-So far: :func:`permutation_groups` finds which units of a model are permuted together
+:func:`permutation_groups` finds which units of a model are permuted together
 (torch.fx tracing, residual adds tie channels, norm parameters follow their channels, groups
 touching the model's input or output are left alone), :meth:`PermutationSpec.from_axes`
 describes them by hand for models fx cannot trace, and :func:`apply_permutation` reorders a
