@@ -12,7 +12,8 @@ StateDict = Mapping[str, torch.Tensor]
 Patterns = Optional[Union[str, Sequence[str]]]
 
 
-def _compile(patterns: Patterns, name: str) -> list[re.Pattern]:
+def compile_patterns(patterns: Patterns, name: str) -> list[re.Pattern]:
+    """Compiled regexes of `patterns` (one or a list; None: none), errors naming `name`."""
     if patterns is None:
         return []
     items = [patterns] if isinstance(patterns, str) else list(patterns)
@@ -37,7 +38,7 @@ def key_selector(include: Patterns = None, exclude: Patterns = None) -> Callable
         >>> [selected(k) for k in ("fc.weight", "fc.bias", "embed.weight")]
         [True, False, False]
     """
-    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+    inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
 
     def selected(key: str) -> bool:
         if inc and not any(p.search(key) for p in inc):
@@ -91,3 +92,33 @@ def load_key(key: str, base: torch.Tensor, models: Sequence[StateDict], what: st
             )
         tensors.append(t)
     return tensors
+
+
+def merge_selected(
+    base: StateDict,
+    experts: Sequence[StateDict],
+    include: Patterns,
+    exclude: Patterns,
+    merge_key: Callable[[str, torch.Tensor, list], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The per-key loop every static merge shares: ``merge_key(key, base_tensor,
+    expert_tensors)`` for selected floating keys (each expert's tensor read once), a copy of
+    the base tensor for the rest. Raises like :func:`check_models` and :func:`load_key`.
+
+    Example:
+        >>> base, expert = {"w": torch.zeros(2), "n": torch.tensor(3)}, {"w": torch.ones(2)}
+        >>> expert["n"] = torch.tensor(5)
+        >>> out = merge_selected(base, [expert], None, None, lambda k, b, ts: b + ts[0])
+        >>> out["w"].tolist(), out["n"].item()
+        ([1.0, 1.0], 3)
+    """
+    keys = check_models(base, experts, "experts")
+    selected = key_selector(include, exclude)
+    merged = {}
+    for key in keys:
+        b = base[key]
+        if selected(key) and mergeable(b):
+            merged[key] = merge_key(key, b, load_key(key, b, experts, "experts"))
+        else:
+            merged[key] = b.clone()
+    return merged

@@ -21,6 +21,7 @@ from ._select import (
     compute_dtype,
     key_selector,
     load_key,
+    merge_selected,
     mergeable,
 )
 
@@ -181,22 +182,16 @@ def task_vectors(
 
 def _sum_of_deltas(base, experts, scale, include, exclude, transform) -> dict[str, torch.Tensor]:
     """``base + scale * Σ_t transform(key, t, θ_t - base)`` for the selected keys."""
-    keys = check_models(base, experts, "experts")
-    selected = key_selector(include, exclude)
-    merged = {}
-    for key in keys:
-        b = base[key]
-        if not (selected(key) and mergeable(b)):
-            merged[key] = b.clone()
-            continue
-        tensors = load_key(key, b, experts, "experts")
+
+    def merge_key(key: str, b: torch.Tensor, tensors: list) -> torch.Tensor:
         dtype = compute_dtype([b, *tensors])
         bc = b.to(dtype)
         total = torch.zeros_like(bc)
         for t, e in enumerate(tensors):
             total += transform(key, t, e.to(device=b.device, dtype=dtype) - bc)
-        merged[key] = (bc + scale * total).to(b.dtype)
-    return merged
+        return (bc + scale * total).to(b.dtype)
+
+    return merge_selected(base, experts, include, exclude, merge_key)
 
 
 def _mask_seed(seed: int, key: str, expert: int) -> int:

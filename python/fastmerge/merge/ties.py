@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from ._select import Patterns, StateDict, check_models, key_selector, load_key, mergeable
+from ._select import Patterns, StateDict, merge_selected
 
 
 def keep_count(density: float, n: int) -> int:
@@ -89,16 +89,11 @@ def ties(
         ([3.0, 2.0, -4.0, 2.0], 7)
     """
     density = check_density(density)
-    keys = check_models(base, experts, "experts")
-    selected = key_selector(include, exclude)
-    merged = {}
-    for key in keys:
-        b = base[key]
-        if not (selected(key) and mergeable(b)):
-            merged[key] = b.clone()
-            continue
-        tensors = [t.to(b.device) for t in load_key(key, b, experts, "experts")]
-        k = keep_count(density, b.numel())
-        thresholds = ops.magnitude_threshold(b, tensors, k, backend=backend)
-        merged[key] = ops.ties_combine(b, tensors, thresholds, scale=scale, backend=backend)
-    return merged
+
+    def merge_key(key: str, b: torch.Tensor, tensors: list) -> torch.Tensor:
+        tensors = [t.to(b.device) for t in tensors]
+        thresholds = ops.magnitude_threshold(b, tensors, keep_count(density, b.numel()),
+                                             backend=backend)  # fmt: skip
+        return ops.ties_combine(b, tensors, thresholds, scale=scale, backend=backend)
+
+    return merge_selected(base, experts, include, exclude, merge_key)

@@ -15,7 +15,6 @@ What the shared expert misses of task t, ``Delta_t = theta_t - theta_s``, is kep
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
@@ -23,6 +22,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
+from ..merge._select import compile_patterns
 from .svd import Rank, check_rank, resolve_rank, truncated_svd
 
 StateDict = Mapping[str, torch.Tensor]
@@ -95,15 +95,9 @@ def _predicate(spec: KeyFilter, name: str, default: bool) -> Callable[[str, Any]
         return lambda key, tensor: default
     if callable(spec):
         return lambda key, tensor: bool(spec(key, tensor))
-    patterns = [spec] if isinstance(spec, str) else list(spec)
-    regexes = []
-    for p in patterns:
-        if not isinstance(p, str):
-            raise TypeError(f"{name} must be a regex, a list of regexes or a callable, got {p!r}")
-        try:
-            regexes.append(re.compile(p))
-        except re.error as exc:
-            raise ValueError(f"{name} pattern {p!r} is not a valid regex: {exc}") from exc
+    if not isinstance(spec, str) and not all(isinstance(p, str) for p in spec):
+        raise TypeError(f"{name} must be a regex, a list of regexes or a callable, got {spec!r}")
+    regexes = compile_patterns(spec, name)
     return lambda key, tensor: any(r.search(key) for r in regexes)
 
 
