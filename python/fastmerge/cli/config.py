@@ -235,17 +235,9 @@ def parse_config(raw: Any, source: str = "config") -> MergeConfig:
     base = raw.get("base_model")
     if method != "linear" and base is None:
         raise ConfigError(f"{source}: merge_method {method} needs a base_model")
-    models = raw.get("models")
-    if not isinstance(models, list) or not models:
-        raise ConfigError(f"{source}: 'models' must be a non-empty list of {{model: PATH}}")
     experts = []
-    for i, entry in enumerate(models):
+    for i, entry in enumerate(model_entries(raw.get("models"), MODEL_KEYS, source)):
         where = f"{source}: models[{i}]"
-        if isinstance(entry, str):
-            entry = {"model": entry}
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise ConfigError(f"{where} must be a mapping with a 'model' key")
-        _unknown(entry, MODEL_KEYS, where)
         if method != "linear" and base is not None and _same_path(entry["model"], base):
             continue  # mergekit lists the base among the models; it is not an expert
         own = _parameters(entry.get("parameters"), valid, where)
