@@ -450,8 +450,7 @@ def _lowrank_cuda(y, x2, us, vs, gates, tokens) -> None:
             vs.data_ptr(),
             gates.data_ptr(),
             down.data_ptr(),
-            y.data_ptr(),
-            KERNEL_DTYPE_CODES[y.dtype],
+            y.data_ptr(),  # float32 (float64 for float64 inputs), like `down`: no dtype code
             torch.cuda.current_stream(y.device).cuda_stream,
         )
 
