@@ -7,9 +7,9 @@ import sys
 from typing import Optional
 
 from .info import info_text
+from .merge import EXIT_BAD_INPUT, add_arguments
 
-#: Exit status for bad input (missing/corrupt files, bad config, existing output).
-EXIT_BAD_INPUT = 2
+__all__ = ["EXIT_BAD_INPUT", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,15 +17,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, built extensions, usable backends, threads, CUDA archs")
     m = sub.add_parser("merge", help="merge checkpoints from a (mergekit-style) YAML config")
-    m.add_argument("config", help="YAML merge configuration")
-    m.add_argument("--out", required=True, help="output directory (created atomically)")
-    m.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    m.add_argument("--threads", type=int, default=None, help="CPU threads")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    m.add_argument("--shard-size", default="5GB", help="max output shard size (e.g. 2GB, 500MB)")
-    m.add_argument("--allow-pickle", action="store_true",
-                   help="accept .bin/.pt checkpoints (loaded with weights_only=True)")  # fmt: skip
-    m.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    add_arguments(m)
     b = sub.add_parser("bench", help="run benchmark suites (from a source checkout)")
     b.add_argument("op", nargs="?", default="all", help="suite name, e.g. merge_cli, or all")
     b.add_argument("--device", default=None, help="cpu or cuda: benchmark groups to keep")
@@ -38,6 +30,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     Example:
         $ fastmerge info
         $ fastmerge merge ties.yaml --out ./merged
+        $ fastmerge merge --list-methods
         $ fastmerge bench merge_cli
     """
     args = _parser().parse_args(argv)

@@ -34,17 +34,17 @@ import inspect
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
-from .. import merge as merge_methods
-from ..io import Checkpoint, ShardedWriter
-from ..io.writer import check_output_dir
-from ..twin.merger import SHARED_METHODS, TwinMerger, key_selector
-from ..twin.svd import METHODS as SVD_METHODS
-from ..twin.svd import check_rank
-from .config import (
+from ... import merge as merge_methods
+from ...io import Checkpoint, ShardedWriter
+from ...io.writer import check_output_dir
+from ...twin.merger import SHARED_METHODS, TwinMerger, key_selector
+from ...twin.svd import METHODS as SVD_METHODS
+from ...twin.svd import check_rank
+from ..config import (
     ConfigError,
     MergeConfig,
     ModelEntry,
@@ -54,6 +54,8 @@ from .config import (
     seed_of,
     tokenizer_path,
 )
+from ..output import MergeSummary, add_extra_files, open_models, output_specs, peak_rss_bytes
+from ..registry import MergeMethod, register
 
 TOP_LEVEL_KEYS = (
     "merge_method",
@@ -76,9 +78,6 @@ PARAMETERS: dict[str, Any] = {
 }
 #: The subdirectory of the output that holds :meth:`TwinMerger.save`'s files.
 TWIN_DIR = "twin"
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .merge import MergeSummary
 
 
 def parse_twin(raw: dict[str, Any], source: str = "config") -> MergeConfig:
@@ -178,7 +177,7 @@ def build_twin(
     cfg: MergeConfig, models: list[Checkpoint], *, device: str = "cpu", progress: bool = False
 ) -> TwinMerger:
     """The :class:`TwinMerger` of a parsed ``twin`` configuration; `models` are the opened
-    base and experts (:func:`fastmerge.cli.merge.open_models` of ``cfg.all_models()``).
+    base and experts (:func:`fastmerge.engine.output.open_models` of ``cfg.all_models()``).
 
     Raises:
         ConfigError: the shared merge rejected ``shared_kwargs`` (a wrong value type).
@@ -217,10 +216,10 @@ def run_twin(
     progress: bool = False,
 ) -> MergeSummary:
     """Build the Twin merger of `cfg` and write the output directory (see the module
-    documentation); called by :func:`fastmerge.cli.merge.run_merge`.
+    documentation); called by :func:`fastmerge.engine.run`.
 
     Returns:
-        the :class:`~fastmerge.cli.merge.MergeSummary`.
+        the :class:`~fastmerge.engine.output.MergeSummary`.
 
     Example:
         >>> import tempfile, safetensors.torch
@@ -236,14 +235,6 @@ def run_twin(
         >>> TwinMerger.load(d / "out" / TWIN_DIR).task_state("task1")["w"].diagonal().tolist()
         [-1.0, -1.0, -1.0, -1.0]
     """
-    from .merge import (
-        MergeSummary,
-        add_extra_files,
-        open_models,
-        output_specs,
-        peak_rss_bytes,
-    )
-
     start = time.perf_counter()
     check_output_dir(out_dir, overwrite)
     models = open_models(cfg.all_models(), allow_pickle)
@@ -278,3 +269,17 @@ def run_twin(
         time.perf_counter() - start,
         peak_rss_bytes(),
     )
+
+
+METHOD = register(
+    MergeMethod(
+        name="twin",
+        description="Twin-Merging: a shared model plus SVD-compressed task knowledge and a router",
+        reference="https://arxiv.org/abs/2406.15479",
+        base="required",
+        min_models=1,
+        run=run_twin,
+        parse=parse_twin,
+        options=tuple(f"parameters.{k}" for k in PARAMETERS) + ("models[].name",),
+    )
+)

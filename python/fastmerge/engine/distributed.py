@@ -1,4 +1,4 @@
-"""``fastmerge merge`` on several ranks: ``torchrun --nproc-per-node N -m fastmerge merge ...``.
+"""``fastmerge merge`` on several ranks: ``torchrun --nproc-per-node N -m fastmerge.cli merge ...``.
 
 Every rank merges the tensors that :func:`fastmerge.io.partition_names` assigns to it and
 writes its own shards into the output's shared temporary directory; then all ranks vote
@@ -23,7 +23,9 @@ from typing import Any, Union
 import torch
 
 from .. import dist
-from .merge import MergeConfig, MergeSummary, PathLike, run_merge
+from .config import MergeConfig, PathLike
+from .output import MergeSummary
+from .run import run
 
 __all__ = ["OtherRankFailed", "run_merge_distributed"]
 
@@ -75,22 +77,22 @@ def _partial_dir(out_dir: PathLike) -> Path:
 def run_merge_distributed(
     config: Union[MergeConfig, PathLike], out_dir: PathLike, **options: Any
 ) -> MergeSummary:
-    """:func:`~fastmerge.cli.merge.run_merge` on every rank of the initialized
+    """:func:`~fastmerge.engine.run` on every rank of the initialized
     torch.distributed process group, each rank merging its share of the tensors; without
-    a group (or with one rank) it is ``run_merge`` itself. Every rank returns the summary
+    a group (or with one rank) it is ``run`` itself. Every rank returns the summary
     of the whole merge (tensors and bytes summed, time and peak memory the largest).
 
     Args:
-        options: as for ``run_merge`` (``device="cuda"`` means each rank's own GPU);
+        options: as for ``run`` (``device="cuda"`` means each rank's own GPU);
             ``rank``, ``world_size`` and ``barrier`` come from the process group.
 
     Raises:
         OtherRankFailed: another rank failed (that rank raises its own error).
-        CheckpointError, ConfigError: as for ``run_merge``, on every rank that hit them.
+        CheckpointError, ConfigError: as for ``run``, on every rank that hit them.
 
     Example:
         >>> import tempfile, torch, safetensors.torch
-        >>> from fastmerge.cli.config import parse_config
+        >>> from fastmerge.engine import parse_config
         >>> d = tempfile.mkdtemp()
         >>> for name, value in [("a", 1.0), ("b", 3.0)]:
         ...     path = f"{d}/{name}.safetensors"
@@ -105,11 +107,11 @@ def run_merge_distributed(
             raise TypeError(f"run_merge_distributed() sets {name} itself from the process group")
     rank, world_size = dist.rank_and_world_size()
     if world_size == 1:
-        return run_merge(config, out_dir, **options)
+        return run(config, out_dir, **options)
     options["device"] = _rank_device(options.get("device", "cpu"))
     agreement = _Agreement()
     try:
-        summary = run_merge(
+        summary = run(
             config,
             out_dir,
             rank=rank,

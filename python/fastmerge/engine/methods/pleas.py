@@ -40,14 +40,16 @@ import time
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
-from ..io import CheckpointError, ShardedWriter, TensorSpec, open_checkpoint
-from ..io.writer import check_output_dir
-from .config import ConfigError, MergeConfig, ModelEntry, check_keys, model_entries, seed_of
+from ...io import CheckpointError, ShardedWriter, TensorSpec, open_checkpoint
+from ...io.writer import check_output_dir
+from ..config import ConfigError, MergeConfig, ModelEntry, check_keys, model_entries, seed_of
+from ..output import CONFIG_NAME, MergeSummary, peak_rss_bytes
+from ..registry import MergeMethod, register
 
 TOP_LEVEL_KEYS = ("merge_method", "models", "parameters", "module_path", "seed")
 MODEL_KEYS = ("model",)
@@ -66,9 +68,6 @@ PARAMETERS: dict[str, Any] = {
 _NUMBERS = ("budget", "ridge")
 _FLAGS = ("data_free", "sequential")
 INFO_NAME = "pleas_info.json"
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .merge import MergeSummary
 
 
 def parse_pleas(raw: dict[str, Any], source: str = "config") -> MergeConfig:
@@ -127,9 +126,9 @@ def _parameters(raw: Any, where: str) -> dict[str, Any]:
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
-    from ..pleas.allocation import STRATEGIES
-    from ..pleas.matching import COST_KINDS
-    from ..pleas.merging import METHODS
+    from ...pleas.allocation import STRATEGIES
+    from ...pleas.matching import COST_KINDS
+    from ...pleas.merging import METHODS
 
     return {"allocation": STRATEGIES, "method": METHODS, "cost": COST_KINDS}
 
@@ -252,7 +251,7 @@ def _merge(
     Returns:
         the merged module (with ``fastmerge_info``) and the bytes of the two inputs.
     """
-    from .. import pleas
+    from ... import pleas
 
     params = cfg.shared
     with module_path(cfg.module_path), torch.random.fork_rng(devices=[]):
@@ -314,10 +313,10 @@ def run_pleas(
     progress: bool = False,
 ) -> MergeSummary:
     """Merge the two models of `cfg` and write the output directory (see the module
-    documentation); called by :func:`fastmerge.cli.merge.run_merge`.
+    documentation); called by :func:`fastmerge.engine.run`.
 
     Returns:
-        the :class:`~fastmerge.cli.merge.MergeSummary`.
+        the :class:`~fastmerge.engine.output.MergeSummary`.
 
     Example:
         >>> import tempfile, safetensors.torch
@@ -340,8 +339,6 @@ def run_pleas(
         {'0': 12}
     """
     import yaml
-
-    from .merge import CONFIG_NAME, MergeSummary, peak_rss_bytes
 
     del progress  # fastmerge.pleas.merge has no progress bar
     start = time.perf_counter()
@@ -369,3 +366,18 @@ def run_pleas(
     return MergeSummary(
         len(specs), bytes_read, writer.bytes_written, time.perf_counter() - start, peak_rss_bytes()
     )
+
+
+METHOD = register(
+    MergeMethod(
+        name="pleas",
+        description="PLeaS: partial permutation matching, then layer-wise least squares",
+        reference="https://arxiv.org/abs/2407.02447",
+        base="ignored",
+        min_models=2,
+        max_models=2,
+        run=run_pleas,
+        parse=parse_pleas,
+        options=tuple(f"parameters.{k}" for k in PARAMETERS) + ("module_path",),
+    )
+)

@@ -1,0 +1,7 @@
+"""``python -m fastmerge ...`` is the ``fastmerge`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
