@@ -226,11 +226,11 @@ def get_method(name: Any, where: str = "config") -> MergeMethod:
         >>> get_method("linear").reference
         'https://arxiv.org/abs/2203.05482'
     """
-    if not isinstance(name, str) or name not in _METHODS:
-        shown = _short(name)
-        raise ConfigError(
-            f"{where}: merge_method {shown} is not supported; valid: {', '.join(sorted(_METHODS))}"
-        )
+    valid = ", ".join(sorted(_METHODS))
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: merge_method must be a method name; valid: {valid}")
+    if name not in _METHODS:
+        raise ConfigError(f"{where}: merge_method {_short(name)} is not supported; valid: {valid}")
     return _METHODS[name]
 
 

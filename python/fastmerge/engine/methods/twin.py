@@ -39,7 +39,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ... import merge as merge_methods
-from ...io import Checkpoint, ShardedWriter
+from ...io import Checkpoint, CheckpointError, ShardedWriter
 from ...io.writer import check_output_dir
 from ...twin.merger import SHARED_METHODS, TwinMerger, key_selector
 from ...twin.svd import METHODS as SVD_METHODS
@@ -105,7 +105,7 @@ def parse_twin(raw: dict[str, Any], source: str = "config") -> MergeConfig:
         base=Path(str(base)),
         experts=experts,
         shared=params,
-        dtype=output_dtype(raw.get("dtype")),
+        dtype=output_dtype(raw.get("dtype"), f"{source}: dtype"),
         tokenizer_source=tokenizer_path(raw, Path(str(base)), source),
         seed=seed_of(raw, source),
         include=params["include"],
@@ -198,7 +198,9 @@ def build_twin(
             seed=cfg.seed,
             progress=progress,
         ).to("cpu")
-    except TypeError as exc:  # e.g. a string where shared_kwargs needs a number
+    except (TypeError, ValueError) as exc:  # e.g. a string where shared_kwargs needs a number
+        if isinstance(exc, (ConfigError, CheckpointError)):
+            raise
         raise ConfigError(
             f"twin: the shared merge {params['shared']} failed with shared_kwargs "
             f"{params['shared_kwargs']} ({exc})"
