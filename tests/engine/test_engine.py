@@ -31,8 +31,10 @@ def tiny_model(path, seed, layers=LAYERS, vocab=8, tied=False, dtype=torch.float
     path.mkdir(parents=True)
     t = {k: v.to(dtype) for k, v in t.items()}
     safetensors.torch.save_file(t, path / "model.safetensors")
-    config = {"model_type": "llama", "num_hidden_layers": layers, "vocab_size": vocab,
-              "torch_dtype": str(dtype).removeprefix("torch."), "tie_word_embeddings": tied}  # fmt: skip
+    config = {
+        "model_type": "llama", "num_hidden_layers": layers, "vocab_size": vocab,
+        "torch_dtype": str(dtype).removeprefix("torch."), "tie_word_embeddings": tied,
+    }  # fmt: skip
     (path / "config.json").write_text(json.dumps(config))
     return t
 
