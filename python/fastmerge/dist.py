@@ -21,6 +21,13 @@ Before any of that, one small ``all_gather`` compares what each rank holds (kind
 counts), so that mismatched accumulators raise the same ``ValueError`` on every rank
 instead of hanging in a collective. Ranks without samples take part with empty statistics.
 
+This module is the lower layer: it imports none of the accumulators. Each accumulator
+implements the :class:`Reducible` protocol, one ``_all_reduce(group)`` method that
+knows its own algebra (what to compare, which tensors to sum or gather, how to rebuild)
+and runs it on the generic collectives below (:func:`describe_ranks`,
+:func:`sum_tensors`, :func:`gather_tensor`, :func:`broadcast_tensor`); its public
+``.all_reduce()`` and :func:`all_reduce_` both end there.
+
 The PLeaS functions that stream data (:func:`fastmerge.pleas.collect_features`,
 :func:`~fastmerge.pleas.match`, :func:`~fastmerge.pleas.solve_least_squares`,
 :func:`~fastmerge.pleas.recompute_batchnorm`, :func:`~fastmerge.pleas.merge`) take
@@ -49,35 +56,55 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
-from typing import Any, Optional, TypeVar, Union
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional, Protocol, TypeVar, Union, runtime_checkable
 
 import torch
 import torch.distributed as tdist
 
-from .features import FeatureStats
-from .least_squares import LeastSquares
-from .stats import ScopeStats
-
 __all__ = [
+    "Reducible",
     "all_reduce_",
     "all_reduce_values",
     "barrier",
+    "broadcast_tensor",
+    "describe_ranks",
+    "gather_tensor",
+    "home_device",
     "is_distributed",
+    "kind_code",
     "launched_by_torchrun",
     "process_group_from_launcher",
     "rank_and_world_size",
     "should_reduce",
+    "sum_tensors",
 ]
 
-Accumulator = TypeVar("Accumulator", ScopeStats, FeatureStats, LeastSquares)
 Group = Optional[Any]  # a torch.distributed ProcessGroup; None is the default (world) group
 
-# Length of the per-rank description gathered before every reduction (padded with zeros),
-# and the code of each accumulator kind in its first entry.
+
+@runtime_checkable
+class Reducible(Protocol):
+    """What :func:`all_reduce_` needs of an accumulator: one method that combines the
+    partial statistics of every rank of `group` with this module's collectives and returns
+    the result (``self`` when reduced in place). :class:`~fastmerge.ScopeStats`,
+    :class:`~fastmerge.FeatureStats` and :class:`~fastmerge.LeastSquares` implement it.
+
+    Example:
+        >>> isinstance(fastmerge.LeastSquares(2, 1), fastmerge.dist.Reducible)
+        True
+    """
+
+    def _all_reduce(self, group: Group) -> Any: ...
+
+
+Accumulator = TypeVar("Accumulator", bound=Reducible)
+
+# Length of the per-rank description gathered before every reduction (padded with zeros);
+# its first entry is the accumulator kind's code (kind_code), the rest are the kind's own.
 _META_LENGTH = 6
-_KINDS = {ScopeStats: 1.0, FeatureStats: 2.0, LeastSquares: 3.0}
-_KIND_NAMES = {code: kind.__name__ for kind, code in _KINDS.items()}
+_KIND_NAMES: dict[float, str] = {}
 
 
 # ---- the process group ----------------------------------------------------------------
@@ -209,7 +236,8 @@ def all_reduce_(accumulator: Accumulator, group: Group = None) -> Accumulator:
     on the collectives' device (CUDA with NCCL, else the CPU).
 
     Raises:
-        TypeError: not a ScopeStats, FeatureStats or LeastSquares.
+        TypeError: not a ScopeStats, FeatureStats or LeastSquares (nor another
+            :class:`Reducible`).
         RuntimeError: no process group is initialized.
         ValueError: the ranks hold different kinds or sizes of statistics (raised on every
             rank).
@@ -225,17 +253,13 @@ def all_reduce_(accumulator: Accumulator, group: Group = None) -> Accumulator:
         4
         >>> tdist.destroy_process_group()
     """
-    kind = type(accumulator)
-    if kind not in _KINDS:
+    if not isinstance(accumulator, Reducible):
         raise TypeError(
-            f"accumulator must be a ScopeStats, FeatureStats or LeastSquares, got {kind.__name__}"
+            "accumulator must be a ScopeStats, FeatureStats or LeastSquares, got "
+            f"{type(accumulator).__name__}"
         )
     _require_group()
-    if kind is ScopeStats:
-        return _reduce_scope(accumulator, group)
-    if kind is FeatureStats:
-        return _reduce_features(accumulator, group)
-    return _reduce_least_squares(accumulator, group)
+    return accumulator._all_reduce(group)
 
 
 def all_reduce_values(values: list[float], group: Group = None, *, op: str = "sum") -> list[float]:
@@ -262,124 +286,51 @@ def all_reduce_values(values: list[float], group: Group = None, *, op: str = "su
     return _sum(flat, group, ops[op]).tolist()
 
 
-def _reduce_scope(stats: ScopeStats, group: Group) -> ScopeStats:
-    """Gather every rank's (mean, std, count) and Chan-merge them in rank order."""
-    rows = _gather_meta([_KINDS[ScopeStats], float(len(stats))], group)
-    lengths = {int(row[1]) for row in rows}
-    if len(lengths) > 1:
-        raise ValueError(
-            "cannot all-reduce ScopeStats with different numbers of entries on the ranks: "
-            f"{[int(row[1]) for row in rows]} (by rank)"
-        )
-    device = stats.mean.device
-    local = torch.stack([stats.mean, stats.std, stats.count]).to(torch.float64)
-    parts = _gather(local, group)
-    merged: Optional[ScopeStats] = None
-    for part in parts:
-        part = part.to(device)
-        rank_stats = ScopeStats(part[0], part[1], part[2], stats.names)
-        merged = rank_stats if merged is None else merged.merge(rank_stats)
-    assert merged is not None
-    return merged
+# ---- building blocks of the accumulators' reductions ----------------------------------------
+# Generic collectives that Reducible._all_reduce implementations are written with. All are
+# collectives: every rank of `group` calls them in the same order.
 
 
-def _reduce_features(stats: FeatureStats, group: Group) -> FeatureStats:
-    """Agree on one rank's shifts, re-express every rank's sums around them, sum them."""
-    started = stats.shift_a is not None
-    d_a, d_b = (stats.d_a, stats.d_b) if started else (-1, -1)
-    rows = _gather_meta(
-        [_KINDS[FeatureStats], float(stats.full), float(stats.count), d_a, d_b], group
-    )
-    if len({row[1] for row in rows}) > 1:
-        raise ValueError(
-            "cannot all-reduce FeatureStats with different `full` settings on the ranks: "
-            f"{[bool(row[1]) for row in rows]} (by rank)"
-        )
-    holders = [r for r, row in enumerate(rows) if row[3] >= 0]
-    if not holders:
-        return stats  # no rank has seen a batch: nothing to reduce
-    shapes = {(int(rows[r][3]), int(rows[r][4])) for r in holders}
-    if len(shapes) > 1:
-        raise ValueError(
-            "cannot all-reduce FeatureStats of different unit counts (d_a, d_b) on the ranks: "
-            + ", ".join(f"rank {r}: {(int(rows[r][3]), int(rows[r][4]))}" for r in holders)
-        )
-    ((d_a, d_b),) = shapes
-    if not started:
-        stats._start_empty(d_a, d_b, _home_device(group))
-    stats._flush()
-    shift = _broadcast(torch.cat([stats.shift_a, stats.shift_b]), holders[0], group)
-    shift_a, shift_b = shift[:d_a], shift[d_a:]
-    parts = stats._sums_around(shift_a, shift_b)
-    flat = _sum(torch.cat([p.reshape(-1) for p in parts]), group)
-    total = int(sum(row[2] for row in rows))
-    stats._load_sums(shift_a, shift_b, _split_like(flat, parts), total)
-    return stats
+def kind_code(name: str) -> float:
+    """The code of an accumulator kind in :func:`describe_ranks`' first entry: the same on
+    every rank for the same name (a CRC-32, exact in float64), and remembered so that a
+    mismatch names the kinds. Accumulator classes call it once, at definition.
+
+    Example:
+        >>> fastmerge.dist.kind_code("LeastSquares") == fastmerge.dist.kind_code("LeastSquares")
+        True
+    """
+    code = float(zlib.crc32(name.encode()))
+    _KIND_NAMES[code] = name
+    return code
 
 
-def _reduce_least_squares(ls: LeastSquares, group: Group) -> LeastSquares:
-    """Flush the float32 partial sums, then sum X^T X, X^T Y and the column sums."""
-    allocated = ls._xx is not None
-    rows = _gather_meta(
-        [_KINDS[LeastSquares], ls.d_in, ls.d_out, float(ls.bias), ls.count, float(allocated)],
-        group,
-    )
-    shapes = {tuple(int(v) for v in row[1:4]) for row in rows}
-    if len(shapes) > 1:
-        raise ValueError(
-            "cannot all-reduce LeastSquares of different (d_in, d_out, bias) on the ranks: "
-            + ", ".join(
-                f"rank {r}: {tuple(int(v) for v in row[1:4])}" for r, row in enumerate(rows)
-            )
-        )
-    if not any(row[5] for row in rows):
-        return ls  # no rank has samples
-    if not allocated:
-        ls._allocate(ls.device or _home_device(group))
-    ls._flush()
-    parts = [ls._xx, ls._xy, ls._sx, ls._sy]
-    flat = _sum(torch.cat([p.reshape(-1) for p in parts]), group)
-    for part, total in zip(parts, _split_like(flat, parts)):
-        part.copy_(total)
-    ls.count = int(sum(row[4] for row in rows))
-    return ls
+def describe_ranks(
+    kind: float, values: Sequence[Union[int, float]], group: Group = None
+) -> list[list[float]]:
+    """Every rank's short description ``[kind, *values]`` (at most 5 values), by rank, after
+    checking that all ranks reduce the same kind (`kind` from :func:`kind_code`). Compare
+    the rows before any other collective, so that a mismatch raises on every rank rather
+    than hanging.
 
+    Raises:
+        ValueError: the ranks reduce different kinds of statistics.
 
-# ---- collectives ------------------------------------------------------------------------
-
-
-def _home_device(group: Group) -> torch.device:
-    """The device the collectives of `group` run on: CUDA for NCCL, else the CPU."""
-    if tdist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _to_home(t: torch.Tensor, group: Group) -> torch.Tensor:
-    return t.to(_home_device(group)).contiguous()
-
-
-def _sum(flat: torch.Tensor, group: Group, op: Any = None) -> torch.Tensor:
-    """Elementwise sum (or `op`) of `flat` over the ranks, on flat's device."""
-    buffer = _to_home(flat, group)
-    if buffer.data_ptr() == flat.data_ptr():
-        buffer = buffer.clone()  # the caller's tensor stays as it was
-    tdist.all_reduce(buffer, op=tdist.ReduceOp.SUM if op is None else op, group=group)
-    return buffer.to(flat.device)
-
-
-def _gather(t: torch.Tensor, group: Group) -> list[torch.Tensor]:
-    """Every rank's `t` (all of the same shape), in rank order, on the collectives' device."""
-    local = _to_home(t, group)
-    parts = [torch.empty_like(local) for _ in range(tdist.get_world_size(group))]
-    tdist.all_gather(parts, local, group=group)
-    return parts
-
-
-def _gather_meta(values: list[Union[int, float]], group: Group) -> list[list[float]]:
-    """Every rank's short description, checked to be of the same accumulator kind."""
-    padded = [float(v) for v in values] + [0.0] * (_META_LENGTH - len(values))
-    rows = [p.tolist() for p in _gather(torch.tensor(padded, dtype=torch.float64), group)]
+    Example:
+        >>> import os, tempfile
+        >>> import torch.distributed as tdist
+        >>> rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
+        >>> tdist.init_process_group("gloo", init_method=f"file://{rendezvous}",
+        ...                          rank=0, world_size=1)
+        >>> kind = fastmerge.dist.kind_code("Example")
+        >>> fastmerge.dist.describe_ranks(kind, [3, 4])[0][1:3]
+        [3.0, 4.0]
+        >>> tdist.destroy_process_group()
+    """
+    if len(values) >= _META_LENGTH:
+        raise ValueError(f"a rank description holds at most {_META_LENGTH - 1} values")
+    padded = [kind, *(float(v) for v in values)] + [0.0] * (_META_LENGTH - 1 - len(values))
+    rows = [p.tolist() for p in gather_tensor(torch.tensor(padded, dtype=torch.float64), group)]
     kinds = [row[0] for row in rows]
     if len(set(kinds)) > 1:
         raise ValueError(
@@ -390,14 +341,99 @@ def _gather_meta(values: list[Union[int, float]], group: Group) -> list[list[flo
     return rows
 
 
-def _broadcast(t: torch.Tensor, group_rank: int, group: Group) -> torch.Tensor:
-    """`t` of rank `group_rank` of `group`, on every rank (on t's device)."""
+def sum_tensors(parts: Sequence[torch.Tensor], group: Group = None) -> list[torch.Tensor]:
+    """The elementwise sums over the ranks of `parts` (tensors of the same dtype, the same
+    shapes on every rank), in one flattened ``all_reduce``; new tensors of the parts' shapes
+    on the first part's device (the inputs stay as they were).
+
+    Example:
+        >>> import os, tempfile
+        >>> import torch.distributed as tdist
+        >>> rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
+        >>> tdist.init_process_group("gloo", init_method=f"file://{rendezvous}",
+        ...                          rank=0, world_size=1)
+        >>> a, b = torch.ones(2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+        >>> [t.shape for t in fastmerge.dist.sum_tensors([a, b])]
+        [torch.Size([2]), torch.Size([1, 2])]
+        >>> tdist.destroy_process_group()
+    """
+    if not parts:
+        return []
+    flat = _sum(torch.cat([p.reshape(-1) for p in parts]), group)
+    pieces = torch.split(flat, [p.numel() for p in parts])
+    return [piece.reshape(p.shape) for piece, p in zip(pieces, parts)]
+
+
+def gather_tensor(t: torch.Tensor, group: Group = None) -> list[torch.Tensor]:
+    """Every rank's `t` (of the same shape and dtype on every rank), in rank order, on the
+    collectives' device (:func:`home_device`).
+
+    Example:
+        >>> import os, tempfile
+        >>> import torch.distributed as tdist
+        >>> rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
+        >>> tdist.init_process_group("gloo", init_method=f"file://{rendezvous}",
+        ...                          rank=0, world_size=1)
+        >>> fastmerge.dist.gather_tensor(torch.arange(3.0))
+        [tensor([0., 1., 2.])]
+        >>> tdist.destroy_process_group()
+    """
+    local = _to_home(t, group)
+    parts = [torch.empty_like(local) for _ in range(tdist.get_world_size(group))]
+    tdist.all_gather(parts, local, group=group)
+    return parts
+
+
+def broadcast_tensor(t: torch.Tensor, group_rank: int, group: Group = None) -> torch.Tensor:
+    """`t` of rank `group_rank` of `group` (a rank within the group), on every rank, on t's
+    device; every rank passes a tensor of the same shape and dtype.
+
+    Example:
+        >>> import os, tempfile
+        >>> import torch.distributed as tdist
+        >>> rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
+        >>> tdist.init_process_group("gloo", init_method=f"file://{rendezvous}",
+        ...                          rank=0, world_size=1)
+        >>> fastmerge.dist.broadcast_tensor(torch.ones(2), 0)
+        tensor([1., 1.])
+        >>> tdist.destroy_process_group()
+    """
     buffer = _to_home(t, group).clone()
     source = group_rank if group is None else tdist.get_global_rank(group, group_rank)
     tdist.broadcast(buffer, src=source, group=group)
     return buffer.to(t.device)
 
 
-def _split_like(flat: torch.Tensor, parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    pieces = torch.split(flat, [p.numel() for p in parts])
-    return [piece.reshape(p.shape) for piece, p in zip(pieces, parts)]
+def home_device(group: Group = None) -> torch.device:
+    """The device the collectives of `group` run on: CUDA for NCCL, else the CPU (where a
+    rank without data allocates its empty statistics).
+
+    Example:
+        >>> import os, tempfile
+        >>> import torch.distributed as tdist
+        >>> rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
+        >>> tdist.init_process_group("gloo", init_method=f"file://{rendezvous}",
+        ...                          rank=0, world_size=1)
+        >>> fastmerge.dist.home_device()
+        device(type='cpu')
+        >>> tdist.destroy_process_group()
+    """
+    if tdist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ---- collectives ------------------------------------------------------------------------
+
+
+def _to_home(t: torch.Tensor, group: Group) -> torch.Tensor:
+    return t.to(home_device(group)).contiguous()
+
+
+def _sum(flat: torch.Tensor, group: Group, op: Any = None) -> torch.Tensor:
+    """Elementwise sum (or `op`) of `flat` over the ranks, on flat's device."""
+    buffer = _to_home(flat, group)
+    if buffer.data_ptr() == flat.data_ptr():
+        buffer = buffer.clone()  # the caller's tensor stays as it was
+    tdist.all_reduce(buffer, op=tdist.ReduceOp.SUM if op is None else op, group=group)
+    return buffer.to(flat.device)

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
+from . import dist
 from ._dtypes import KERNEL_DTYPE_CODES, dtype_names
 from ._tensors import TensorLike, as_tensor
 from .ops.feature_center import feature_center
@@ -25,6 +26,9 @@ CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 FULL_SEGMENT_UNITS = {"cpu": 512, "cuda": 2048}
 #: float32 GEMM sums are moved into the float64 accumulators at least this often (rows).
 FLUSH_ROWS = 1 << 15
+
+#: The kind code that fastmerge.dist compares across the ranks before a reduction.
+_REDUCTION_KIND = dist.kind_code("FeatureStats")
 
 
 class FeatureStats:
@@ -296,9 +300,40 @@ class FeatureStats:
             4
             >>> tdist.destroy_process_group()
         """
-        from .dist import all_reduce_  # dist imports this module
+        return dist.all_reduce_(self, group)
 
-        return all_reduce_(self, group)
+    def _all_reduce(self, group: Any) -> FeatureStats:
+        """fastmerge.dist.Reducible: agree on one rank's shifts, re-express every rank's
+        sums around them (merge's algebra, so reducing equals merging), sum them."""
+        started = self.shift_a is not None
+        d_a, d_b = (self.d_a, self.d_b) if started else (-1, -1)
+        rows = dist.describe_ranks(
+            _REDUCTION_KIND, [float(self.full), float(self.count), d_a, d_b], group
+        )
+        if len({row[1] for row in rows}) > 1:
+            raise ValueError(
+                "cannot all-reduce FeatureStats with different `full` settings on the ranks: "
+                f"{[bool(row[1]) for row in rows]} (by rank)"
+            )
+        holders = [r for r, row in enumerate(rows) if row[3] >= 0]
+        if not holders:
+            return self  # no rank has seen a batch: nothing to reduce
+        shapes = {(int(rows[r][3]), int(rows[r][4])) for r in holders}
+        if len(shapes) > 1:
+            raise ValueError(
+                "cannot all-reduce FeatureStats of different unit counts (d_a, d_b) on the "
+                "ranks: "
+                + ", ".join(f"rank {r}: {(int(rows[r][3]), int(rows[r][4]))}" for r in holders)
+            )
+        ((d_a, d_b),) = shapes
+        if not started:
+            self._start_empty(d_a, d_b, dist.home_device(group))
+        self._flush()
+        shift = dist.broadcast_tensor(torch.cat([self.shift_a, self.shift_b]), holders[0], group)
+        shift_a, shift_b = shift[:d_a], shift[d_a:]
+        totals = dist.sum_tensors(self._sums_around(shift_a, shift_b), group)
+        self._load_sums(shift_a, shift_b, totals, int(sum(row[2] for row in rows)))
+        return self
 
     # ---- costs --------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from . import dist
 from ._tensors import TensorLike, as_tensor
 from .ops.conv_gram import _pair, conv_gram, output_size
 
@@ -31,6 +32,9 @@ FLUSH_ROWS = 1 << 15
 #: ``X^T X`` is computed as its upper block triangle, in row segments of this many inputs
 #: (10 of 16 blocks at d_in = 1024 on the CPU); the lower triangle is its transpose.
 SEGMENT_UNITS = {"cpu": 256, "cuda": 2048}
+#: The kind code that fastmerge.dist compares across the ranks before a reduction.
+_REDUCTION_KIND = dist.kind_code("LeastSquares")
+
 
 Blocks = Union[None, TensorLike, Sequence[tuple[Any, Any]]]
 
@@ -325,9 +329,33 @@ class LeastSquares:
             3
             >>> tdist.destroy_process_group()
         """
-        from .dist import all_reduce_  # dist imports this module
+        return dist.all_reduce_(self, group)
 
-        return all_reduce_(self, group)
+    def _all_reduce(self, group: Any) -> LeastSquares:
+        """fastmerge.dist.Reducible: flush the float32 partial sums, then sum X^T X, X^T Y
+        and the column sums over the ranks."""
+        allocated = self._xx is not None
+        rows = dist.describe_ranks(
+            _REDUCTION_KIND,
+            [self.d_in, self.d_out, float(self.bias), self.count, float(allocated)],
+            group,
+        )
+        shapes = [tuple(int(v) for v in row[1:4]) for row in rows]
+        if len(set(shapes)) > 1:
+            raise ValueError(
+                "cannot all-reduce LeastSquares of different (d_in, d_out, bias) on the ranks: "
+                + ", ".join(f"rank {r}: {shape}" for r, shape in enumerate(shapes))
+            )
+        if not any(row[5] for row in rows):
+            return self  # no rank has samples
+        if not allocated:
+            self._allocate(self._device or dist.home_device(group))
+        self._flush()
+        parts = [self._xx, self._xy, self._sx, self._sy]
+        for part, total in zip(parts, dist.sum_tensors(parts, group)):
+            part.copy_(total)
+        self.count = int(sum(row[4] for row in rows))
+        return self
 
     # ---- solve ----------------------------------------------------------------------------
 

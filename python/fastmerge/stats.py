@@ -12,6 +12,11 @@ from typing import Any, Optional
 
 import torch
 
+from . import dist
+
+#: The kind code that fastmerge.dist compares across the ranks before a reduction.
+_REDUCTION_KIND = dist.kind_code("ScopeStats")
+
 
 @dataclass(frozen=True)
 class ScopeStats:
@@ -128,6 +133,24 @@ class ScopeStats:
             [1.5]
             >>> tdist.destroy_process_group()
         """
-        from .dist import all_reduce_  # dist imports this module
+        return dist.all_reduce_(self, group)
 
-        return all_reduce_(self, group)
+    def _all_reduce(self, group: Any) -> ScopeStats:
+        """fastmerge.dist.Reducible: gather every rank's (mean, std, count) and Chan-merge
+        them in rank order, so the result is exactly ``s_0.merge(s_1).merge(...)``."""
+        rows = dist.describe_ranks(_REDUCTION_KIND, [len(self)], group)
+        lengths = [int(row[1]) for row in rows]
+        if len(set(lengths)) > 1:
+            raise ValueError(
+                "cannot all-reduce ScopeStats with different numbers of entries on the ranks: "
+                f"{lengths} (by rank)"
+            )
+        device = self.mean.device
+        local = torch.stack([self.mean, self.std, self.count]).to(torch.float64)
+        merged: Optional[ScopeStats] = None
+        for part in dist.gather_tensor(local, group):
+            part = part.to(device)
+            rank_stats = ScopeStats(part[0], part[1], part[2], self.names)
+            merged = rank_stats if merged is None else merged.merge(rank_stats)
+        assert merged is not None
+        return merged

@@ -23,8 +23,7 @@ Example:
     torch.Size([3, 2])
 """
 
-from .io import load_router, load_twin, save_twin
-from .merger import TwinMerger, TwinSizes, key_selector
+from .merger import TwinMerger, TwinSizes, key_selector, load_twin, save_twin
 from .model import GateContext, RoutedLinear, TwinModel
 from .router import (
     Router,
@@ -32,6 +31,7 @@ from .router import (
     default_features,
     fit_router,
     gates_from_logits,
+    load_router,
     mean_pool,
 )
 from .svd import TruncatedSVD, resolve_rank, truncated_svd

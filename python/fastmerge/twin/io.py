@@ -12,6 +12,14 @@ Layout of a save directory:
 Everything is written into a temporary directory beside the target and moved into place
 with ``os.replace``; an interrupted save leaves neither a partial directory nor a temporary
 one, and an existing save is replaced only once the new one is complete.
+
+This module is the file format only, below the objects it stores: it imports neither
+:mod:`~fastmerge.twin.merger` nor :mod:`~fastmerge.twin.router` and works on anything
+with their attributes (:class:`MergerState`, :class:`RouterState`). The public
+:func:`~fastmerge.twin.save_twin`, :func:`~fastmerge.twin.load_twin` (in
+:mod:`fastmerge.twin.merger`) and :func:`~fastmerge.twin.load_router` (in
+:mod:`fastmerge.twin.router`) build on :func:`write_save`, :func:`read_save` and
+:func:`read_router`.
 """
 
 from __future__ import annotations
@@ -20,22 +28,59 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Protocol, Union
 
 import torch
-from torch import nn
 
 from .._version import __version__
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .merger import TwinMerger
-    from .router import Router
 
 FORMAT = "fastmerge.twin"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PathLike = Union[str, os.PathLike]
+
+
+class MergerState(Protocol):
+    """What a save holds of a :class:`~fastmerge.twin.TwinMerger` (its attributes)."""
+
+    task_names: tuple[str, ...]
+    rank: Any
+    shared_method: str
+    shared_state: Mapping[str, torch.Tensor]
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    dense_deltas: Mapping[str, torch.Tensor]
+
+
+class RouterState(Protocol):
+    """What a save holds of a :class:`~fastmerge.twin.Router`: its sizes and state dict."""
+
+    embed_dim: int
+    num_tasks: int
+    dropout: float
+
+    def state_dict(self) -> Mapping[str, torch.Tensor]: ...
+
+
+class SavedMerger(NamedTuple):
+    """The contents of a save directory's merger files, as :func:`read_save` returns them."""
+
+    task_names: tuple[str, ...]
+    rank: Any
+    shared_method: str
+    shared_state: dict[str, torch.Tensor]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    dense_deltas: dict[str, torch.Tensor]
+
+
+class SavedRouter(NamedTuple):
+    """A saved router's constructor sizes and state dict, as :func:`read_router` returns."""
+
+    embed_dim: int
+    num_tasks: int
+    dropout: float
+    state: dict[str, torch.Tensor]
 
 
 def _safetensors() -> Any:
@@ -66,7 +111,7 @@ def _writable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def manifest_of(merger: TwinMerger, router: Optional[Router] = None) -> dict[str, Any]:
+def manifest_of(merger: MergerState, router: Optional[RouterState] = None) -> dict[str, Any]:
     """The JSON manifest describing `merger` (and `router`).
 
     Example:
@@ -103,10 +148,11 @@ def manifest_of(merger: TwinMerger, router: Optional[Router] = None) -> dict[str
     return manifest
 
 
-def save_twin(
-    merger: TwinMerger, directory: PathLike, *, router: Optional[nn.Module] = None
+def write_save(
+    merger: MergerState, directory: PathLike, *, router: Optional[RouterState] = None
 ) -> None:
-    """Write `merger` (and `router`) to `directory`, atomically.
+    """Write `merger` (and `router`) to `directory`, atomically; no type checks (those are
+    :func:`fastmerge.twin.save_twin`'s, which calls this).
 
     `directory` must not exist, be empty, or hold an earlier save (it is then replaced once
     the new one is complete); anything else raises FileExistsError rather than deleting a
@@ -114,17 +160,12 @@ def save_twin(
 
     Example:
         >>> import tempfile, os
-        >>> base, experts = {"w": torch.zeros(3, 3)}, [{"w": torch.eye(3)}]
-        >>> twin = fastmerge.twin.TwinMerger(base, experts, progress=False)
+        >>> twin = fastmerge.twin.TwinMerger({"w": torch.zeros(3, 3)}, [{"w": torch.eye(3)}])
         >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     twin.save(os.path.join(tmp, "twin"))
+        ...     write_save(twin, os.path.join(tmp, "twin"))
         ...     sorted(os.listdir(os.path.join(tmp, "twin")))
         ['deltas.safetensors', 'factors.safetensors', 'manifest.json', 'shared.safetensors']
     """
-    from .router import Router
-
-    if router is not None and not isinstance(router, Router):
-        raise TypeError(f"router must be a fastmerge.twin.Router, got {type(router).__name__}")
     target = Path(directory)
     _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +189,7 @@ def _check_replaceable(target: Path) -> None:
         )
 
 
-def _write_files(merger: TwinMerger, router: Optional[Router], tmp: Path) -> None:
+def _write_files(merger: MergerState, router: Optional[RouterState], tmp: Path) -> None:
     st = _safetensors()
     st.save_file(_writable(merger.shared_state), str(tmp / "shared.safetensors"))
     factors = {}
@@ -204,58 +245,55 @@ def read_manifest(directory: PathLike) -> dict[str, Any]:
     return manifest
 
 
-def load_twin(directory: PathLike, *, device: str = "cpu") -> TwinMerger:
-    """Read a :class:`TwinMerger` written by :func:`save_twin`, tensors on `device`.
+def read_save(directory: PathLike, *, device: str = "cpu") -> SavedMerger:
+    """The merger files of a save directory written by :func:`write_save`, tensors on
+    `device` (:func:`fastmerge.twin.load_twin` makes a TwinMerger of them).
 
     Example:
         >>> import tempfile
         >>> twin = fastmerge.twin.TwinMerger({"w": torch.zeros(2, 2)}, [{"w": torch.eye(2)}])
         >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     save_twin(twin, tmp)
-        ...     load_twin(tmp).num_tasks
-        1
+        ...     write_save(twin, tmp)
+        ...     read_save(tmp).task_names
+        ('task0',)
     """
-    from .merger import TwinMerger
-
     st = _safetensors()
     root = Path(directory)
     manifest = read_manifest(root)
     shared = st.load_file(str(root / "shared.safetensors"), device=device)
     factors = st.load_file(str(root / "factors.safetensors"), device=device)
     deltas = st.load_file(str(root / "deltas.safetensors"), device=device)
-    merger = TwinMerger.__new__(TwinMerger)
-    merger.task_names = tuple(manifest["task_names"])
-    merger.rank = manifest["rank"]
-    merger.shared_method = manifest["shared_method"]
-    merger.shared_state = {key: shared[key] for key in manifest["keys"]}
-    merger.factors, merger.dense_deltas = {}, {}
+    saved = SavedMerger(
+        task_names=tuple(manifest["task_names"]),
+        rank=manifest["rank"],
+        shared_method=manifest["shared_method"],
+        shared_state={key: shared[key] for key in manifest["keys"]},
+        factors={},
+        dense_deltas={},
+    )
     for key, entry in manifest["tensors"].items():
         if entry["kind"] == "factors":
-            merger.factors[key] = (factors[f"{key}.us"], factors[f"{key}.vs"])
+            saved.factors[key] = (factors[f"{key}.us"], factors[f"{key}.vs"])
         elif entry["kind"] == "dense":
-            merger.dense_deltas[key] = deltas[key]
-    return merger
+            saved.dense_deltas[key] = deltas[key]
+    return saved
 
 
-def load_router(directory: PathLike, *, device: str = "cpu") -> Optional[Router]:
-    """The :class:`~fastmerge.twin.Router` saved beside a merger, or None if none was saved.
+def read_router(directory: PathLike, *, device: str = "cpu") -> Optional[SavedRouter]:
+    """The router saved beside a merger (sizes and state dict, tensors on `device`), or
+    None if none was saved (:func:`fastmerge.twin.load_router` makes a Router of it).
 
     Example:
         >>> import tempfile
-        >>> base, experts = {"w": torch.zeros(2, 2)}, [{"w": torch.eye(2)}] * 2
-        >>> twin = fastmerge.twin.TwinMerger(base, experts, progress=False)
+        >>> twin = fastmerge.twin.TwinMerger({"w": torch.zeros(2, 2)}, [{"w": torch.eye(2)}])
         >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     twin.save(tmp, router=fastmerge.twin.Router(4, 2))
-        ...     load_router(tmp).num_tasks
+        ...     write_save(twin, tmp, router=fastmerge.twin.Router(4, 2))
+        ...     read_router(tmp).num_tasks
         2
     """
-    from .router import Router
-
     manifest = read_manifest(directory)
     sizes = manifest.get("router")
     if sizes is None:
         return None
-    router = Router(sizes["embed_dim"], sizes["num_tasks"], dropout=sizes["dropout"])
     state = _safetensors().load_file(str(Path(directory) / "router.safetensors"), device=device)
-    router.load_state_dict(state)
-    return router.to(device).eval()
+    return SavedRouter(sizes["embed_dim"], sizes["num_tasks"], sizes["dropout"], state)

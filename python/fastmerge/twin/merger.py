@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from ..merge._select import compile_patterns
+from . import io
+from .router import Router
 from .svd import Rank, check_rank, resolve_rank, truncated_svd
 
 StateDict = Mapping[str, torch.Tensor]
@@ -411,7 +413,7 @@ class TwinMerger:
         self, directory: Union[str, os.PathLike], *, router: Optional[nn.Module] = None
     ) -> None:
         """Write the merger (and optionally a :class:`Router`) to `directory` as safetensors
-        files and a ``manifest.json``; atomic (see :func:`fastmerge.twin.io.save_twin`).
+        files and a ``manifest.json``; atomic (see :func:`save_twin`).
 
         Example:
             >>> import tempfile
@@ -421,15 +423,11 @@ class TwinMerger:
             ...     TwinMerger.load(tmp).task_names
             ('task0',)
         """
-        from .io import save_twin
-
         save_twin(self, directory, router=router)
 
     @classmethod
     def load(cls, directory: Union[str, os.PathLike], *, device: str = "cpu") -> TwinMerger:
         """Read a merger written by :meth:`save` (example: :meth:`save`)."""
-        from .io import load_twin
-
         return load_twin(directory, device=device)
 
     def __repr__(self) -> str:
@@ -439,3 +437,51 @@ class TwinMerger:
             f"rank={self.rank}, factored={len(self.factors)}, dense={len(self.dense_deltas)}, "
             f"exclusive/experts={sizes.ratio:.3f})"
         )
+
+
+# ---- save / load (the file format is fastmerge.twin.io's) ---------------------------------
+
+
+def save_twin(
+    merger: TwinMerger, directory: Union[str, os.PathLike], *, router: Optional[nn.Module] = None
+) -> None:
+    """Write `merger` (and `router`) to `directory`, atomically (layout:
+    :mod:`fastmerge.twin.io`).
+
+    `directory` must not exist, be empty, or hold an earlier save (it is then replaced once
+    the new one is complete); anything else raises FileExistsError rather than deleting a
+    user's files.
+
+    Example:
+        >>> import tempfile, os
+        >>> base, experts = {"w": torch.zeros(3, 3)}, [{"w": torch.eye(3)}]
+        >>> twin = fastmerge.twin.TwinMerger(base, experts, progress=False)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     save_twin(twin, os.path.join(tmp, "twin"))
+        ...     sorted(os.listdir(os.path.join(tmp, "twin")))
+        ['deltas.safetensors', 'factors.safetensors', 'manifest.json', 'shared.safetensors']
+    """
+    if router is not None and not isinstance(router, Router):
+        raise TypeError(f"router must be a fastmerge.twin.Router, got {type(router).__name__}")
+    io.write_save(merger, directory, router=router)
+
+
+def load_twin(directory: Union[str, os.PathLike], *, device: str = "cpu") -> TwinMerger:
+    """Read a :class:`TwinMerger` written by :func:`save_twin`, tensors on `device`.
+
+    Example:
+        >>> import tempfile
+        >>> twin = fastmerge.twin.TwinMerger({"w": torch.zeros(2, 2)}, [{"w": torch.eye(2)}])
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     save_twin(twin, tmp)
+        ...     load_twin(tmp).num_tasks
+        1
+    """
+    saved = io.read_save(directory, device=device)
+    merger = TwinMerger.__new__(TwinMerger)  # the stored fields, without merging again
+    merger.task_names = saved.task_names
+    merger.rank = saved.rank
+    merger.shared_method = saved.shared_method
+    merger.shared_state = saved.shared_state
+    merger.factors, merger.dense_deltas = saved.factors, saved.dense_deltas
+    return merger

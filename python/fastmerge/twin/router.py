@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import io
 
 
 class Router(nn.Module):
@@ -334,3 +337,24 @@ def _first_tensor(out: Union[torch.Tensor, Any]) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise TypeError(f"cannot take features from a model output of type {type(out).__name__}")
+
+
+def load_router(directory: Union[str, os.PathLike], *, device: str = "cpu") -> Optional[Router]:
+    """The :class:`Router` saved beside a merger (:func:`fastmerge.twin.save_twin`), in eval
+    mode on `device`, or None if none was saved.
+
+    Example:
+        >>> import tempfile
+        >>> base, experts = {"w": torch.zeros(2, 2)}, [{"w": torch.eye(2)}] * 2
+        >>> twin = fastmerge.twin.TwinMerger(base, experts, progress=False)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     twin.save(tmp, router=fastmerge.twin.Router(4, 2))
+        ...     load_router(tmp).num_tasks
+        2
+    """
+    saved = io.read_router(directory, device=device)
+    if saved is None:
+        return None
+    router = Router(saved.embed_dim, saved.num_tasks, dropout=saved.dropout)
+    router.load_state_dict(saved.state)
+    return router.to(device).eval()
