@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from .errors import ConfigError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .plan import TensorTask
+#: A :class:`fastmerge.engine.plan.TensorTask` (the plan module builds on this one).
+TensorTask = Any
 
 SCOPES = ("global", "model", "non_base")
 BASE_POLICIES = ("required", "optional", "ignored")
@@ -141,9 +141,9 @@ def _short(value: Any) -> str:
 
 
 #: merge(task, tensors, statistics) -> the merged tensor (in the compute dtype).
-MergeFunction = Callable[["TensorTask", list, Any], torch.Tensor]
+MergeFunction = Callable[[TensorTask, list, Any], torch.Tensor]
 #: statistics(task, tensors_iterable) -> whole-tensor values that row blocks need.
-StatisticsFunction = Callable[["TensorTask", Any], Any]
+StatisticsFunction = Callable[[TensorTask, Any], Any]
 
 
 @dataclass(frozen=True)

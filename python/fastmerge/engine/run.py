@@ -222,9 +222,9 @@ def _set_threads(threads: int) -> None:
         raise CheckpointError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(int(threads))
     try:
-        from .. import set_num_threads
+        from ..backends import cpu_extension
 
-        set_num_threads(int(threads))
+        cpu_extension().set_num_threads(int(threads))
     except Exception:  # no CPU extension: only torch's threads matter
         pass
 
