@@ -501,3 +501,32 @@ def test_docstring_examples(cache):
     for test in tests:
         runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+# --- hub ids in a merge configuration -------------------------------------------------
+
+
+def test_fastmerge_merge_reads_hub_ids_from_the_cache(cache, capsys):
+    from fastmerge.cli import main
+
+    add_snapshot(cache, "org/base", COMMIT, {**MODEL_FILES, "model.safetensors": weights(1.0)})
+    add_snapshot(cache, "org/tuned", COMMIT, {**MODEL_FILES, "model.safetensors": weights(3.0)})
+    Path("cfg.yaml").write_text(
+        "merge_method: task_arithmetic\nbase_model: org/base\n"
+        f"models:\n  - model: org/tuned@{COMMIT}\n    parameters: {{weight: 0.5}}\n"
+    )
+    code = main(["merge", "cfg.yaml", "--out", "merged", "--write-model-card", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    merged = safetensors_torch.load_file("merged/model-00001-of-00001.safetensors")
+    assert merged["w"].tolist() == [[2.0] * 3] * 2
+    card = Path("merged/README.md").read_text()
+    assert "https://huggingface.co/org/base" in card and "https://huggingface.co/org/tuned" in card
+    code = main(["merge", "cfg.yaml", "--out", "other", "--quiet"])
+    assert code == 0
+    Path("cfg.yaml").write_text(
+        "merge_method: linear\nmodels:\n  - model: org/absent\n  - model: org/base\n"
+    )
+    assert main(["merge", "cfg.yaml", "--out", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "org/absent" in err and err.count("\n") == 1, err
+    assert not Path("none").exists()
