@@ -20,6 +20,7 @@
 #include "../cpu/scope_grad.h"
 #include "../cpu/scope_stats.h"
 #include "../cpu/ties_combine.h"
+#include "../cpu/weighted_sum.h"
 #include "fastmerge/parallel.h"
 
 namespace py = pybind11;
@@ -272,6 +273,22 @@ PYBIND11_MODULE(_C, m) {
       py::arg("base"), py::arg("experts"), py::arg("n"), py::arg("dtype"), py::arg("thresholds"),
       py::arg("scale"), py::arg("out"), py::arg("out_dtype"),
       "TIES combine of one tensor: trim by thresholds, elect signs, base + scale * disjoint mean.");
+  m.def(
+      "weighted_sum",
+      [](const std::vector<uintptr_t>& inputs, const std::vector<int32_t>& dtypes,
+         const std::vector<double>& weights, int64_t n, bool float64, uintptr_t out,
+         int32_t out_dtype) {
+        check_lengths(inputs.size(), dtypes.size(), "dtypes");
+        check_lengths(inputs.size(), weights.size(), "weights");
+        const auto pointers = as_pointers<const void*>(inputs);
+        py::gil_scoped_release release;
+        fastmerge::cpu::weighted_sum(pointers, dtypes, weights, n, float64,
+                                     reinterpret_cast<void*>(out), out_dtype);
+      },
+      py::arg("inputs"), py::arg("dtypes"), py::arg("weights"), py::arg("n"), py::arg("float64"),
+      py::arg("out"), py::arg("out_dtype"),
+      "out = sum_t weights[t] * inputs[t] (n elements each, dtype codes per input), "
+      "accumulated in float32 (float64 when float64), written in out_dtype.");
   m.def("set_num_threads", &fastmerge::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &fastmerge::get_num_threads);
 }

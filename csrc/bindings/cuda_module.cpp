@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "../cuda/launchers.h"
+#include "../cuda/weighted_sum.h"
 
 namespace py = pybind11;
 
@@ -144,6 +145,16 @@ PYBIND11_MODULE(_cuda, m) {
       },
       py::arg("base"), py::arg("expert_addresses"), py::arg("num_experts"), py::arg("n"),
       py::arg("dtype"), py::arg("thresholds"), py::arg("scale"), py::arg("out"),
+      py::arg("out_dtype"), py::arg("stream"));
+  m.def(
+      "weighted_sum",
+      [](uintptr_t table, int64_t count, int64_t n, bool float64, uintptr_t out,
+         int32_t out_dtype, uintptr_t stream) {
+        py::gil_scoped_release release;
+        fastmerge::cuda::weighted_sum(ptr<const int64_t>(table), count, n, float64,
+                                      ptr<void>(out), out_dtype, stream);
+      },
+      py::arg("table"), py::arg("count"), py::arg("n"), py::arg("float64"), py::arg("out"),
       py::arg("out_dtype"), py::arg("stream"));
   m.def("device_count", &fastmerge::cuda::device_count);
   m.attr("compiled_archs") = FASTMERGE_CUDA_ARCHS;

@@ -8,6 +8,8 @@
   within a byte budget.
 * :class:`ShardedWriter` writes planned safetensors shards and their index into a
   temporary directory renamed into place only when complete.
+* :func:`empty_tensor` allocates large CPU buffers whose pages fault in cheaply (2 MiB
+  transparent huge pages), as the reader does for every tensor it reads.
 
 Example:
     >>> import tempfile, torch
@@ -19,6 +21,7 @@ Example:
     [1.0, 2.0]
 """
 
+from ._memory import empty_tensor
 from .checkpoint import Checkpoint, open_checkpoint
 from .prefetch import DEFAULT_BLOCK_BYTES, DEFAULT_PREFETCH_BYTES, Prefetcher
 from .safetensors import CheckpointError, SafetensorsReader, TensorInfo, read_header
@@ -45,6 +48,7 @@ __all__ = [
     "ShardedWriter",
     "TensorInfo",
     "TensorSpec",
+    "empty_tensor",
     "open_checkpoint",
     "partition_names",
     "plan_shards",

@@ -35,6 +35,7 @@ KERNEL_MODULES = (
     "scope_grad",
     "scope_stats",
     "ties_combine",
+    "weighted_sum",
 )
 
 # Importing a submodule binds it as an attribute of this package (fastmerge.kernels.<op>).

@@ -14,6 +14,7 @@ from .magnitude_threshold import magnitude_threshold
 from .scope_grad import scope_grad
 from .scope_stats import scope_stats
 from .ties_combine import ties_combine
+from .weighted_sum import weighted_sum
 
 __all__ = [
     "conv_gram",
@@ -27,4 +28,5 @@ __all__ = [
     "scope_grad",
     "scope_stats",
     "ties_combine",
+    "weighted_sum",
 ]
