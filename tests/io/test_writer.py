@@ -138,3 +138,96 @@ def test_two_ranks_write_one_output(tmp_path):
     for name, v in values.items():
         assert torch.equal(ckpt[name], v)
     assert leftovers(tmp_path) == []
+
+
+def _write_all(writer, values):
+    for name in writer.order:
+        writer.write(name, values[name])
+
+
+@pytest.mark.parametrize("write_behind_bytes", [0, 1, 64, io.writer.DEFAULT_WRITE_BEHIND_BYTES])
+def test_write_behind_budgets_give_the_same_files(tmp_path, write_behind_bytes):
+    """Synchronous (0), a budget smaller than one tensor (every write waits for the
+    previous one) and the default: byte-identical shards."""
+    specs, values = specs_and_values(sizes=tuple(range(1, 40)))
+    out = tmp_path / f"out{write_behind_bytes}"
+    with io.ShardedWriter(
+        out, specs, max_shard_bytes=100, write_behind_bytes=write_behind_bytes
+    ) as writer:
+        _write_all(writer, values)
+    ckpt = io.open_checkpoint(out)
+    for name, v in values.items():
+        assert torch.equal(ckpt[name], v), name
+    reference = tmp_path / "reference"
+    with io.ShardedWriter(reference, specs, max_shard_bytes=100, write_behind_bytes=0) as w:
+        _write_all(w, values)
+    for f in sorted(os.listdir(reference)):
+        assert (out / f).read_bytes() == (reference / f).read_bytes(), f
+
+
+def test_flush_puts_the_bytes_in_the_file(tmp_path):
+    specs = [io.TensorSpec("a", torch.float32, (1000,)), io.TensorSpec("b", torch.float32, (4,))]
+    writer = io.ShardedWriter(tmp_path / "out", specs)
+    writer.write("a", torch.ones(1000))
+    writer.flush()
+    (shard,) = [p for p in os.listdir(writer.tmp_dir) if p.endswith(".safetensors")]
+    assert os.path.getsize(writer.tmp_dir / shard) >= 4000
+    writer.abort()
+    assert leftovers(tmp_path) == []
+
+
+def test_a_failed_background_write_is_raised_and_leaves_nothing(tmp_path, monkeypatch):
+    specs, values = specs_and_values(sizes=(1000, 1000, 1000, 1000))
+    real_write = os.write
+    calls = []
+
+    def failing_write(fd, data):
+        calls.append(len(data))
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(io.writer.os, "write", failing_write)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        with io.ShardedWriter(out, specs) as writer:
+            _write_all(writer, values)  # the error comes at a later write or at commit
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert not any(t.name == "fastmerge-writer" for t in threading.enumerate())
+
+
+def test_a_tensor_changed_before_it_was_written_is_an_error(tmp_path, monkeypatch):
+    specs = [io.TensorSpec("a", torch.float32, (1000,)), io.TensorSpec("b", torch.float32, (4,))]
+    started, release = threading.Event(), threading.Event()
+    real_write = os.write
+
+    def slow_write(fd, data):
+        if len(data) == 4000:
+            started.set()
+            release.wait(10)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(io.writer.os, "write", slow_write)
+    writer = io.ShardedWriter(tmp_path / "out", specs)
+    a = torch.ones(1000)
+    writer.write("a", a)
+    assert started.wait(10)
+    a.add_(1)  # while its bytes are being written
+    release.set()
+    with pytest.raises(RuntimeError, match="modified in place"):
+        writer.write("b", torch.ones(4))
+        writer.commit()
+    writer.abort()
+    assert leftovers(tmp_path) == []
+
+
+def test_a_dropped_writer_stops_its_thread(tmp_path):
+    import gc
+
+    specs, values = specs_and_values()
+    writer = io.ShardedWriter(tmp_path / "out", specs)
+    writer.write(writer.order[0], values[writer.order[0]])
+    assert any(t.name == "fastmerge-writer" for t in threading.enumerate())
+    del writer
+    gc.collect()
+    assert not any(t.name == "fastmerge-writer" for t in threading.enumerate())

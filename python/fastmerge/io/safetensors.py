@@ -5,9 +5,11 @@ A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
 the tensor bytes, offsets counted from the end of the header. :class:`SafetensorsReader`
 validates the whole header when it opens the file (so that a corrupt or truncated file
 fails before anything is merged or written) and reads one tensor per access with
-``os.preadv`` straight into the tensor's own storage: no memory map (whose touched pages
-would stay in the process's resident memory), no intermediate copy, and the GIL is
-released during the read so a background thread can prefetch while torch computes.
+``os.preadv`` straight into the tensor's own storage: no memory map of the file (whose
+touched pages would stay in the process's resident memory), no intermediate copy, and the
+GIL is released during the read so a background thread can prefetch while torch computes.
+Large tensors are read into buffers from :func:`fastmerge.io.empty_tensor` (2 MiB huge
+pages where the system has them), which fault in several times faster than 4 KiB pages.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
+
+from ._memory import empty_tensor
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -233,7 +237,7 @@ class SafetensorsReader(Mapping):
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         """Read one tensor into a new contiguous CPU tensor (thread-safe)."""
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        buffer = empty_tensor(info.nbytes)
         if info.nbytes:
             self._read_into(buffer, self._data_start + info.begin, info.name)
         return buffer.view(info.dtype).reshape(info.shape)
@@ -244,7 +248,7 @@ class SafetensorsReader(Mapping):
         if not info.shape or not 0 <= start <= stop <= info.shape[0]:
             raise IndexError(f"{self.path}: rows {start}:{stop} of key {info.name!r} {info.shape}")
         row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
-        buffer = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        buffer = empty_tensor((stop - start) * row_bytes)
         if buffer.numel():
             self._read_into(buffer, self._data_start + info.begin + start * row_bytes, info.name)
         return buffer.view(info.dtype).reshape(stop - start, *info.shape[1:])

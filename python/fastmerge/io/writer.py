@@ -8,6 +8,11 @@ tensor being written is held in memory, whatever the shard size.
 The files go to a temporary directory beside the output (same file system) that is
 renamed into place only when every shard, the index and the extra files are complete;
 on any exception it is removed, so an interrupted write leaves no output.
+
+Tensor bytes go to the files with unbuffered ``os.write`` calls straight from the
+tensor's memory (no copy in Python), on a background thread by default: the caller's
+next tensor is merged while the previous one is written, within a byte budget
+(``write_behind_bytes``). A write error there is raised in the caller, at its next call.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import math
 import os
 import shutil
 import tempfile
+import threading
+import weakref
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +40,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 INDEX_NAME = "model.safetensors.index.json"
 #: Default maximum shard size (Hugging Face's default for save_pretrained is 5 GB).
 DEFAULT_SHARD_BYTES = 5_000_000_000
+#: Default budget of bytes handed to the background writer but not yet written.
+DEFAULT_WRITE_BEHIND_BYTES = 256 << 20
+#: Largest single write: Linux transfers at most about 2 GiB per call.
+_MAX_WRITE = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -149,7 +161,16 @@ class ShardedWriter:
     block without an exception; with one, everything is removed).
 
     Tensors must be written in :attr:`order` (this rank's tensors, shard by shard);
-    each is checked against its planned dtype and shape.
+    each is checked against its planned dtype and shape when it is handed over.
+
+    With ``write_behind_bytes > 0`` (the default, 256 MiB) the bytes are written by a
+    background thread, in order, while the caller goes on: :meth:`write` returns once the
+    tensor is queued (it waits while more than that many bytes are queued). The writer
+    keeps a reference to the tensor until its bytes are written, so the caller may drop
+    its own at once, but must not modify the tensor in place until then (:meth:`flush`
+    waits for it). A failed write (a full disk) is raised by the next :meth:`write`,
+    :meth:`write_rows`, :meth:`flush` or :meth:`commit`. ``write_behind_bytes=0`` writes
+    in the calling thread.
 
     Example:
         >>> import tempfile, torch
@@ -175,6 +196,7 @@ class ShardedWriter:
         metadata: Optional[dict[str, str]] = None,
         rank: int = 0,
         world_size: int = 1,
+        write_behind_bytes: int = DEFAULT_WRITE_BEHIND_BYTES,
     ) -> None:
         self.out_dir = check_output_dir(out_dir, overwrite)
         self.overwrite = overwrite
@@ -189,9 +211,12 @@ class ShardedWriter:
         self._shard_index = 0  # index into self._mine of the open (or next) shard
         self._in_shard = 0  # tensors written into the open shard
         self._rows_done = 0  # rows of the current tensor written by write_rows
-        self._file = None
+        self._shard_open = False
         self.tmp_dir = self._make_tmp_dir()
         self.bytes_written = 0
+        self._files = _FileWriter(int(write_behind_bytes))
+        # a writer dropped without commit() or abort() stops its thread and closes its file
+        self._finalizer = weakref.finalize(self, self._files.cancel)
 
     def _make_tmp_dir(self) -> Path:
         parent = self.out_dir.resolve().parent
@@ -250,9 +275,11 @@ class ShardedWriter:
         return expected
 
     def _append(self, tensor: torch.Tensor) -> None:
-        if self._file is None:
+        if not self._shard_open:
             self._open_shard()
-        self._file.write(tensor_bytes(tensor))
+        data = tensor_bytes(tensor)
+        shared = tensor.device.type == "cpu" and tensor.is_contiguous()  # not a copy
+        self._files.write(data, tensor if shared else None)
 
     def _finish_tensor(self, spec: TensorSpec) -> None:
         self.bytes_written += spec.nbytes
@@ -265,14 +292,19 @@ class ShardedWriter:
     def _open_shard(self) -> None:
         shard = self._mine[self._shard_index]
         entries = [(s.name, s.dtype, s.shape) for s in shard.specs]
-        self._file = open(self.tmp_dir / shard.filename, "wb")  # noqa: SIM115 (closed in _close_shard)
-        self._file.write(header_bytes(entries, self.metadata))
+        self._files.open(self.tmp_dir / shard.filename, header_bytes(entries, self.metadata))
+        self._shard_open = True
 
     def _close_shard(self) -> None:
-        self._file.close()
-        self._file = None
+        self._files.close()
+        self._shard_open = False
         self._shard_index += 1
         self._in_shard = 0
+
+    def flush(self) -> None:
+        """Wait until every tensor handed over so far is written to its file (the page
+        cache; nothing is fsync'ed); raises the error of a failed write."""
+        self._files.flush()
 
     def add_file(self, relative: str, content: Union[bytes, str, Path]) -> None:
         """Add an extra file (rank 0 only): `content` is bytes, text, or a Path to copy."""
@@ -301,6 +333,11 @@ class ShardedWriter:
             missing = self.order[self._position]
             self.abort()
             raise ValueError(f"commit(): tensor {missing!r} was never written")
+        try:
+            self._files.finish()  # every byte written and every shard closed
+        except BaseException:
+            self.abort()
+            raise
         if self.world_size > 1:
             if barrier is None:
                 self.abort()
@@ -331,11 +368,161 @@ class ShardedWriter:
 
     def abort(self) -> None:
         """Remove everything written so far (this rank's shards; rank 0: the directory)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._files.cancel()
+        self._shard_open = False
         if self.world_size == 1 or self.rank == 0:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
         else:
             for shard in self._mine:
                 (self.tmp_dir / shard.filename).unlink(missing_ok=True)
+
+
+def _version(tensor: Optional[torch.Tensor]) -> Optional[int]:
+    if tensor is None:
+        return None
+    try:
+        return tensor._version
+    except RuntimeError:  # an inference tensor has no version counter
+        return None
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    view = data if data.format == "B" and data.ndim == 1 else data.cast("B")
+    done = 0
+    while done < len(view):
+        done += os.write(fd, view[done : done + _MAX_WRITE])
+
+
+class _FileWriter:
+    """One output file at a time, written in order: ``open(path, header)``, any number of
+    ``write(bytes)``, ``close()``. With a budget > 0 a background thread does the work
+    and the calls return at once (``write`` waits while the budget is used up); the first
+    error is kept and raised by the next call. ``finish()`` waits for everything and
+    stops the thread; ``cancel()`` drops what is queued, closes the file and stops it."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = max(0, budget)
+        self._fd: Optional[int] = None  # used by the thread only, when there is one
+        self._queue: deque = deque()
+        self._pending = 0  # bytes queued or being written
+        self._busy = False
+        self._error: Optional[BaseException] = None
+        self._cond = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+
+    # -- the caller's side ---------------------------------------------------------------
+
+    def open(self, path: Path, header: bytes) -> None:
+        self._submit(("open", path, header), len(header))
+
+    def write(self, data: memoryview, source: Optional[torch.Tensor] = None) -> None:
+        """Queue `data`; `source`, the tensor whose memory it is, is checked for in-place
+        changes (torch's version counter) made before its bytes were written."""
+        self._submit(("write", data, source, _version(source)), data.nbytes)
+
+    def close(self) -> None:
+        self._submit(("close",), 0)
+
+    def flush(self) -> None:
+        with self._cond:
+            while self._queue or self._busy:
+                self._cond.wait()
+            self._raise_error()
+
+    def finish(self) -> None:
+        self.flush()
+        self._stop()
+        if self._fd is not None:  # a shard left open by an unfinished plan
+            self._run(("close",))
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._queue.clear()
+            self._pending = 0
+            self._cond.notify_all()
+        self._stop()
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+        self._error = None
+
+    def _submit(self, op: tuple, nbytes: int) -> None:
+        if self.budget == 0:
+            self._raise_error()
+            try:
+                self._run(op)
+            except BaseException as exc:
+                self._error = exc
+                raise
+            return
+        with self._cond:
+            self._raise_error()
+            while self._pending > 0 and self._pending + nbytes > self.budget:
+                self._cond.wait()
+                self._raise_error()
+            self._queue.append(op)
+            self._pending += nbytes
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="fastmerge-writer", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _stop(self) -> None:
+        with self._cond:
+            thread = self._thread
+            self._thread = None
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join()
+
+    # -- the thread's side ---------------------------------------------------------------
+
+    def _loop(self) -> None:
+        me = threading.current_thread()
+        while True:
+            with self._cond:
+                while not self._queue and self._thread is me:
+                    self._cond.wait()
+                if not self._queue:  # stopped
+                    return
+                op = self._queue.popleft()
+                self._busy = True
+            size = op[1].nbytes if op[0] == "write" else len(op[2]) if op[0] == "open" else 0
+            try:
+                self._run(op)
+            except BaseException as exc:  # raised in the caller at its next call
+                with self._cond:
+                    self._error = exc
+                    self._queue.clear()
+                    self._pending = 0
+            with self._cond:
+                self._busy = False
+                self._pending = max(0, self._pending - size)
+                self._cond.notify_all()
+            del op  # the tensor's memory may go now
+
+    def _run(self, op: tuple) -> None:
+        if op[0] == "write":
+            _write_all(self._fd, op[1])
+            if op[2] is not None and _version(op[2]) != op[3]:
+                raise RuntimeError(
+                    "a tensor given to ShardedWriter.write was modified in place before it "
+                    "was written; keep it unchanged until flush() (or write_behind_bytes=0)"
+                )
+        elif op[0] == "open":
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+            self._fd = os.open(op[1], flags, 0o666)
+            _write_all(self._fd, memoryview(op[2]))
+        else:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)
