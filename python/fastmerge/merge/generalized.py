@@ -30,6 +30,8 @@ from typing import Optional
 import torch
 
 from .. import ops
+from .._dtypes import KERNEL_DTYPE_CODES
+from ..io._memory import empty_tensor
 from ._select import Patterns, StateDict, check_models, key_selector, load_key, mergeable
 from .static import _mask_seed, dare, task_arithmetic
 from .ties import keep_count
@@ -201,7 +203,9 @@ class TensorMerge:
             thresholds = self.thresholds(key, base, experts)
         if self._fused_ties and base.numel() > 0:
             thr = torch.stack([t.to(base.device) for t in thresholds])
-            return ops.ties_combine(base, experts, thr, scale=self.scale, backend=self.backend)
+            return ops.ties_combine(
+                base, experts, thr, scale=self.scale, out=_output_like(base), backend=self.backend
+            )
         total_w = sum(self.w)
         divisor = total_w if self.normalize and abs(total_w) >= 1e-8 else 1.0
         if self._uniform and not self.consensus and self.trim is None:
@@ -246,6 +250,14 @@ class TensorMerge:
         if self.normalize:
             mixed = mixed / divisor
         return (bc + self.scale * mixed).to(b.dtype)
+
+
+def _output_like(base: torch.Tensor) -> Optional[torch.Tensor]:
+    """A new contiguous buffer of base's shape and dtype for a fused kernel to write (on
+    the CPU one whose pages fault in cheaply), or None to let the op allocate."""
+    if base.device.type != "cpu" or base.dtype not in KERNEL_DTYPE_CODES:
+        return None
+    return empty_tensor(base.shape, base.dtype)
 
 
 def _uniform(values: list[float]) -> bool:

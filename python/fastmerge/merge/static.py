@@ -2,7 +2,12 @@
 
 All of them walk the base's keys once, read each key once from every model (so lazily
 loaded state dicts are never materialized whole), compute in float32 (float64 when an
-input is float64) and return tensors in the base's dtype. Keys that are not selected by
+input is float64) and return tensors in the base's dtype. Averaging is one fused
+weighted sum per tensor (:func:`fastmerge.ops.weighted_sum`: every input read once, the
+output written once). Task arithmetic keeps its own order of operations (the task vectors
+θ_t - base first, as mergekit rounds them): written as one weighted sum,
+``(1 - λT)·base + λ Σ θ_t``, float32 rounding differs, and a result rounded to bfloat16
+then differs from mergekit's in rare entries. Keys that are not selected by
 `include`/`exclude`, and non-floating tensors, are copied from the base.
 """
 
@@ -14,6 +19,9 @@ from typing import Optional
 
 import torch
 
+from .. import ops
+from .._dtypes import KERNEL_DTYPE_CODES
+from ..io._memory import empty_tensor
 from ._select import (
     Patterns,
     StateDict,
@@ -66,12 +74,34 @@ def average(
             merged[key] = ref.clone()
             continue
         tensors = [ref, *load_key(key, ref, models[1:], "models")]
-        dtype = compute_dtype(tensors)
-        acc = torch.zeros(ref.shape, dtype=dtype, device=ref.device)
-        for w, t in zip(weights, tensors):
-            acc += w * t.to(device=ref.device, dtype=dtype)
-        merged[key] = (acc / total).to(ref.dtype)
+        merged[key] = weighted_sum_like(tensors, [w / total for w in weights], ref)
     return merged
+
+
+def weighted_sum_like(
+    tensors: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+    like: torch.Tensor,
+    *,
+    accumulate_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``Σ_i coefficients[i] * tensors[i]`` in `like`'s dtype, shape and device: one fused
+    pass (:func:`fastmerge.ops.weighted_sum`, float32 arithmetic, float64 for float64
+    inputs or with `accumulate_dtype`) into a new buffer whose pages fault in cheaply
+    (:func:`fastmerge.io.empty_tensor`). Dtypes the kernels do not take (float8) are
+    summed with torch operations in float32 instead.
+    """
+    tensors = [t.to(like.device) for t in tensors]
+    if all(t.dtype in KERNEL_DTYPE_CODES for t in [like, *tensors]):
+        out = empty_tensor(like.shape, like.dtype) if like.device.type == "cpu" else None
+        return ops.weighted_sum(
+            tensors, coefficients, out=out, out_dtype=like.dtype, accumulate_dtype=accumulate_dtype
+        )
+    dtype = accumulate_dtype or compute_dtype(tensors)
+    acc = torch.zeros(like.shape, dtype=dtype, device=like.device)
+    for c, t in zip(coefficients, tensors):
+        acc += c * t.to(dtype)
+    return acc.to(like.dtype)
 
 
 def task_arithmetic(
