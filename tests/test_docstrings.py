@@ -59,6 +59,8 @@ MODULES = [
     "fastmerge.engine.distributed",
     "fastmerge.engine.hub",
     "fastmerge.engine.card",
+    "fastmerge.engine.tokenizer",
+    "fastmerge.engine.vocab_tensors",
     "fastmerge.engine.methods.twin",
     "fastmerge.engine.methods.pleas",
     "fastmerge.cli.bench",

@@ -321,7 +321,11 @@ def test_wrong_model_count_for_the_method(three, capsys):
     assert code == 2 and "takes exactly 1 model(s) per tensor, got 2" in err, err
 
 
-@pytest.mark.parametrize("key", ["seed", "base_model", "merge_method", "dtype", "include"])
+@pytest.mark.parametrize(
+    "key",
+    ["seed", "base_model", "merge_method", "dtype", "include", "tokenizer_source", "tokenizer",
+     "chat_template"],
+)  # fmt: skip
 def test_yaml_alias_bomb_is_one_line_and_fast(tmp_path, capsys, key):
     # nine levels of nine aliases: 9^9 strings if anything expanded the value
     levels = ["&l0 [" + ", ".join(["x"] * 9) + "]"]

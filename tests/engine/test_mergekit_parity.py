@@ -202,7 +202,9 @@ def test_mixed_dtype_inputs(models, out_dtype):
     if out_dtype:
         config["out_dtype"] = out_dtype
     ours, theirs = run_both(models, config, f"mixed_{out_dtype}")
-    assert_same_tensors(ours, theirs)
+    # float32 agrees within 1e-6; a bfloat16 output may round the other way where the two
+    # float32 results (fastmerge sums in float64) straddle a rounding boundary: one ulp
+    assert_same_tensors(ours, theirs, tol=1e-6 if out_dtype is None else 2.0**-8)
     want = out_dtype or "float32"
     assert {str(t.dtype) for t in _tensors(ours).values()} == {f"torch.{want}"}
 

@@ -14,7 +14,7 @@ import resource
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -129,10 +129,13 @@ def extra_files(source: Optional[Path], *, tokenizer: bool = True) -> list[Path]
     )
 
 
-def updated_config_json(path: Path, updates: Mapping[str, Any]) -> Union[bytes, Path]:
-    """config.json with `updates` applied to the keys it has (a dtype as its name), or
-    the file itself when there is nothing to change or it is unreadable."""
-    if not updates:
+def updated_config_json(path: Path, updates: Mapping[str, Any],
+                        transform: Optional[Callable[[dict], dict]] = None
+                        ) -> Union[bytes, Path]:  # fmt: skip
+    """config.json with `updates` applied to the keys it has (a dtype as its name) and
+    then `transform`, or the file itself when there is nothing to change or it is
+    unreadable."""
+    if not updates and transform is None:
         return path
     try:
         config = json.loads(path.read_text())
@@ -145,6 +148,8 @@ def updated_config_json(path: Path, updates: Mapping[str, Any]) -> Union[bytes, 
             config[key] = (
                 str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
             )
+    if transform is not None:
+        config = transform(config)
     return (json.dumps(config, indent=2) + "\n").encode()
 
 
@@ -169,9 +174,10 @@ def config_updates(dtype: Optional[torch.dtype], num_layers: Optional[int] = Non
 
 def add_extra_files(writer: ShardedWriter, cfg: Any, *, source: Optional[Path] = None,
                     updates: Optional[Mapping[str, Any]] = None,
+                    transform: Optional[Callable[[dict], dict]] = None,
                     tokenizer_files: bool = True) -> None:  # fmt: skip
     """Add the config/tokenizer files of `source` (default ``cfg.tokenizer_source``;
-    ``config.json`` with `updates`, default the output dtype) and
+    ``config.json`` with `updates`, default the output dtype, then `transform`) and
     ``fastmerge_config.yaml`` to the output being written."""
     import yaml
 
@@ -179,7 +185,7 @@ def add_extra_files(writer: ShardedWriter, cfg: Any, *, source: Optional[Path] =
     if updates is None:
         updates = config_updates(cfg.output_dtype)
     for f in extra_files(source, tokenizer=tokenizer_files):
-        content = updated_config_json(f, updates) if f.name == "config.json" else f
+        content = updated_config_json(f, updates, transform) if f.name == "config.json" else f
         writer.add_file(f.name, content)
     used = dict(cfg.raw)
     used.setdefault("merge_method", cfg.method)

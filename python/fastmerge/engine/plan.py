@@ -78,6 +78,7 @@ class TensorTask:
     per_input: list[dict[str, Any]] = field(default_factory=list)
     copy: bool = False
     vocab: Optional[str] = None
+    vocab_axis: int = 0
     t: float = 0.0
     group: str = ""
     seed: int = 0
@@ -215,6 +216,7 @@ class _Planner:
         self.layers = [num_layers(c, k) for c, k in zip(checkpoints, self.configs)]
         self.selected = key_selector(cfg.include, cfg.exclude)
         self.tasks: list[TensorTask] = []
+        self._vocab_names: Optional[set[str]] = None
 
     def index(self, ref: Path) -> int:
         for j, p in enumerate(self.cfg.all_models()):
@@ -364,7 +366,16 @@ class _Planner:
         return bool(_PRE_PATTERN.search(name)) or name in TIED_HEADS
 
     def vocab_axis(self, name: str) -> bool:
-        return self.cfg.tokenizer is not None and self.is_embedding(name)
+        """Whether `name` may differ in size between models (its vocabulary is aligned)."""
+        settings = self.cfg.tokenizer
+        if settings is None or not settings.aligns_vocabulary:
+            return False
+        if self._vocab_names is None:
+            from .tokenizer import embedding_names  # transformers-free, but only when needed
+
+            names = {n for c in self.ckpts for n in c}
+            self._vocab_names = set(embedding_names(names, self.configs[0]))
+        return name in self._vocab_names
 
     def resolve(self, task: TensorTask, sources: list[SliceSource], s: OutputSlice, k: int) -> None:
         cfg, method = self.cfg, self.method

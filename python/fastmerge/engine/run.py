@@ -104,19 +104,22 @@ def _plan_vocabulary(merge_plan: MergePlan) -> None:
         return
     from .tokenizer import embedding_names, plan_vocabulary
 
-    base = cfg.all_models().index(cfg.base) if cfg.base is not None else None
-    vocab = plan_vocabulary(merge_plan.models, base, cfg.tokenizer)
+    refs = cfg.all_models()
+    base = next((j for j, r in enumerate(refs) if r == cfg.base), None)
+    vocab = plan_vocabulary(merge_plan.models, base, cfg.tokenizer,
+                            references=[str(r) for r in refs])  # fmt: skip
     merge_plan.vocabulary = vocab
-    if vocab is None:
+    if vocab is None or not vocab.permutes:
         return
-    config = _template_config(merge_plan)
-    kinds = embedding_names([t.name for t in merge_plan.tasks], config)
+    infos = embedding_names([t.name for t in merge_plan.tasks], _template_config(merge_plan))
     for task in merge_plan.tasks:
-        kind = kinds.get(task.name)
-        if kind is not None:
-            task.vocab = kind
-            task.copy = False
-            task.shape = (vocab.vocab_size, *task.shape[1:])
+        info = infos.get(task.name)
+        if info is not None:
+            task.vocab = info.kind
+            task.vocab_axis = info.axis
+            shape = list(task.shape)
+            shape[info.axis] = vocab.vocab_size
+            task.shape = tuple(shape)
 
 
 def _template_config(merge_plan: MergePlan) -> dict:
@@ -163,13 +166,25 @@ def merge_task(task: TensorTask, tensors: list[torch.Tensor], cfg: MergeConfig, 
                vocabulary=None, statistics=None) -> torch.Tensor:  # fmt: skip
     """One output tensor (or block of rows) from its inputs' tensors (or rows), in the
     task's dtype, on the CPU."""
-    if task.copy:
+    if task.copy and task.vocab is None:
         return tensors[0].to(task.dtype)
     prepared = _prepare(tensors, cfg, device)
     if task.vocab is not None:
-        prepared = vocabulary.align(prepared, task.vocab)
+        prepared = _align(task, prepared, vocabulary)
+    if task.copy:  # an excluded embedding: the first input's, on the output vocabulary
+        return prepared[0].to(task.dtype).cpu()
     merged = task.method.merge(task, prepared, statistics)
     return merged.to(task.dtype).cpu()
+
+
+def _align(task: TensorTask, tensors: list[torch.Tensor], vocabulary) -> list[torch.Tensor]:
+    """The task's inputs re-indexed to the output vocabulary (each model's rows of the
+    output tokens, the missing ones filled as mergekit fills them)."""
+    by_model: list[Optional[torch.Tensor]] = [None] * len(vocabulary.models)
+    for inp, t in zip(task.inputs, tensors):
+        by_model[inp.model] = t
+    aligned = vocabulary.align(by_model, task.vocab, axis=task.vocab_axis)
+    return [aligned[inp.model] for inp in task.inputs]
 
 
 def _blockwise(task: TensorTask, merge_plan: MergePlan, block_bytes: int) -> bool:
@@ -354,9 +369,9 @@ def _add_files(writer: ShardedWriter, merge_plan: MergePlan, write_model_card: b
     template = merge_plan.models[merge_plan.template]
     vocab = merge_plan.vocabulary
     own_tokenizer = vocab is not None or cfg.tokenizer_source is not None
-    updates = config_updates(cfg.output_dtype, merge_plan.num_layers,
-                             vocab.vocab_size if vocab is not None else None)  # fmt: skip
+    updates = config_updates(cfg.output_dtype, merge_plan.num_layers)
     add_extra_files(writer, cfg, source=template, updates=updates,
+                    transform=vocab.update_config if vocab is not None else None,
                     tokenizer_files=not own_tokenizer)  # fmt: skip
     if vocab is not None:
         with tempfile.TemporaryDirectory(prefix="fastmerge-tokenizer-") as tmp:

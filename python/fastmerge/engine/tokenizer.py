@@ -135,13 +135,20 @@ class TokenizerSettings:
 
 
 # ---- parsing -----------------------------------------------------------------------------
+def _shown(value: Any) -> str:
+    """A value for an error message, never long (a YAML alias can expand to gigabytes)."""
+    text = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else None
+    text = text if text is not None else f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _fail(where: str, key: str, message: str) -> ConfigError:
     return ConfigError(f"{where}: {key}: {message}")
 
 
 def _model_ref(value: Any, where: str, key: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise _fail(where, key, f"must be a model path or hub id (a string), got {value!r}")
+        raise _fail(where, key, f"must be a model path or hub id (a string), got {_shown(value)}")
     if "+" in value:
         raise _fail(where, key, f"LoRA references (model+lora) are not supported: {value!r}")
     return value
@@ -164,7 +171,7 @@ def _token_source(value: Any, where: str, key: str) -> TokenSource:
     valid = {None: ("model",), "zero": ("kind",), "model_token": ("kind", "model", "token_id")}
     valid["model_token"] += ("token",)
     if kind not in valid:
-        raise _fail(where, key + ".kind", f"must be zero or model_token, got {kind!r}")
+        raise _fail(where, key + ".kind", f"must be zero or model_token, got {_shown(kind)}")
     bad = [k for k in value if k not in valid[kind]]
     if bad:
         raise _fail(where, key, f"unknown key {bad[0]!r}; valid keys: {', '.join(valid[kind])}")
@@ -177,9 +184,9 @@ def _token_source(value: Any, where: str, key: str) -> TokenSource:
     if (token_id is None) == (token is None):
         raise _fail(where, key, "give exactly one of token_id and token")
     if token_id is not None and (type(token_id) is not int or token_id < 0):
-        raise _fail(where, key + ".token_id", f"must be an integer >= 0, got {token_id!r}")
+        raise _fail(where, key + ".token_id", f"must be an integer >= 0, got {_shown(token_id)}")
     if token is not None and not isinstance(token, str):
-        raise _fail(where, key + ".token", f"must be a string, got {token!r}")
+        raise _fail(where, key + ".token", f"must be a string, got {_shown(token)}")
     return ModelTokenEmbedding(model, token_id, token)
 
 
@@ -200,7 +207,7 @@ def _tokens(value: Any, where: str) -> dict[str, TokenOverride]:
             raise _fail(where, key, f"unknown key {bad[0]!r}; valid keys: source, force")
         force = entry.get("force", False)
         if not isinstance(force, bool):
-            raise _fail(where, key + ".force", f"must be true or false, got {force!r}")
+            raise _fail(where, key + ".force", f"must be true or false, got {_shown(force)}")
         out[tok] = TokenOverride(_token_source(entry.get("source"), where, key + ".source"), force)
     return out
 
@@ -299,7 +306,9 @@ def parse_tokenizer_settings(raw: Mapping[str, Any], where: str) -> Optional[Tok
     settings.tokens = _tokens(block.get("tokens"), where)
     pad = block.get("pad_to_multiple_of")
     if pad is not None and (type(pad) is not int or pad < 0):
-        raise _fail(where, "tokenizer.pad_to_multiple_of", f"must be an integer >= 1, got {pad!r}")
+        raise _fail(
+            where, "tokenizer.pad_to_multiple_of", f"must be an integer >= 1, got {_shown(pad)}"
+        )
     settings.pad_to_multiple_of = pad or None  # 0: no padding, as in mergekit
     return settings
 
