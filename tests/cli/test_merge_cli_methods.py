@@ -16,6 +16,7 @@ import fastmerge.pleas
 from fastmerge import io
 from fastmerge.cli import main
 from fastmerge.engine import ConfigError, parse_config
+from fastmerge.engine import run as run_merge
 from fastmerge.engine.methods.pleas import jsonable
 from fastmerge.twin import TwinMerger
 
@@ -296,7 +297,10 @@ def test_pleas_matches_the_in_memory_merge(pleas_setup, capsys, parameters):
     tmp, name, user, states = pleas_setup
     cfg = write_yaml(tmp, pleas_config(tmp, name, **parameters))
     out = tmp / "out"
-    code, stdout, err = run(["merge", str(cfg), "--out", str(out), "--shard-size", "500B"], capsys)
+    code, stdout, err = run(
+        ["merge", str(cfg), "--trust-remote-code", "--out", str(out), "--shard-size", "500B"],
+        capsys,
+    )
     assert code == 0, err
     assert "merged 6 tensors" in stdout
     assert str(tmp / "code") not in sys.path  # module_path is removed afterwards
@@ -346,7 +350,9 @@ def test_pleas_bad_callables_exit_2_nothing_written(pleas_setup, capsys, case):
     change = {k: v.format(name=name) if isinstance(v, str) else v for k, v in change.items()}
     cfg = write_yaml(tmp, pleas_config(tmp, name, **change))
     before = sorted(os.listdir(tmp))
-    code, _, err = run(["merge", str(cfg), "--out", str(tmp / "out"), "--quiet"], capsys)
+    code, _, err = run(
+        ["merge", str(cfg), "--trust-remote-code", "--out", str(tmp / "out"), "--quiet"], capsys
+    )
     assert code == 2
     message = message.format(name=name)
     assert err.count("\n") == 1 and err.startswith("fastmerge merge: error") and message in err, err
@@ -368,9 +374,48 @@ def test_pleas_config_errors(pleas_setup, capsys, change, message):
     cfg.update(change)
     path = write_yaml(tmp, cfg)
     before = sorted(os.listdir(tmp))
-    code, _, err = run(["merge", str(path), "--out", str(tmp / "out"), "--quiet"], capsys)
+    code, _, err = run(
+        ["merge", str(path), "--trust-remote-code", "--out", str(tmp / "out"), "--quiet"], capsys
+    )
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert sorted(os.listdir(tmp)) == before
+
+
+def test_pleas_refuses_to_import_without_trust_remote_code(pleas_setup, capsys):
+    tmp, name, _, _ = pleas_setup
+    marker = tmp / "imported"
+    (tmp / "code" / "spy_module.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\ndef f(): return None\n"
+    )
+    cfg = write_yaml(tmp, pleas_config(tmp, name, model="spy_module:f", data="spy_module:f"))
+    before = sorted(os.listdir(tmp))
+    code, _, err = run(["merge", str(cfg), "--out", str(tmp / "out")], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "parameters.model, parameters.data, module_path" in err and "--trust-remote-code" in err
+    assert not marker.exists()  # refused before anything was imported
+    assert sorted(os.listdir(tmp)) == before
+    with pytest.raises(ConfigError, match="--trust-remote-code"):
+        run_merge(cfg, tmp / "out")  # the library entry point too: trust_remote_code=False
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": "sys:exit"}, "parameters.model: sys:exit() exited: it called sys.exit()"),
+        (
+            {"data": "exits_on_import:f"},
+            "parameters.data: cannot import 'exits_on_import' (it called",
+        ),
+    ],
+)
+def test_pleas_callables_that_exit_are_clean_errors(pleas_setup, capsys, change, message):
+    tmp, name, _, _ = pleas_setup
+    (tmp / "code" / "exits_on_import.py").write_text("import sys\nsys.exit(3)\n")
+    cfg = write_yaml(tmp, pleas_config(tmp, name, **change))
+    code, _, err = run(["merge", str(cfg), "--trust-remote-code", "--out", str(tmp / "out")],
+                       capsys)  # fmt: skip
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp / "out").exists()
 
 
 def test_pleas_weights_that_do_not_fit(pleas_setup, capsys):
@@ -378,7 +423,9 @@ def test_pleas_weights_that_do_not_fit(pleas_setup, capsys):
     bad = dict(states[1], **{"2.weight": torch.zeros(8, 15)})
     safetensors.torch.save_file(bad, tmp / "m2.safetensors")
     cfg = write_yaml(tmp, pleas_config(tmp, name))
-    code, _, err = run(["merge", str(cfg), "--out", str(tmp / "out"), "--quiet"], capsys)
+    code, _, err = run(
+        ["merge", str(cfg), "--trust-remote-code", "--out", str(tmp / "out"), "--quiet"], capsys
+    )
     assert code == 2 and "m2.safetensors: does not fit the module" in err and err.count("\n") == 1
     assert not (tmp / "out").exists()
 

@@ -19,6 +19,9 @@ def add_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("--shard-size", default="5GB", help="max output shard size (e.g. 2GB, 500MB)")
     m.add_argument("--allow-pickle", action="store_true",
                    help="accept .bin/.pt checkpoints (loaded with weights_only=True)")  # fmt: skip
+    m.add_argument("--trust-remote-code", action="store_true",
+                   help="allow code named by the configuration to run (pleas' model/data "
+                   "functions, tokenizers with custom code)")  # fmt: skip
     m.add_argument("--write-model-card", action="store_true",
                    help="write a README.md model card (method, models, configuration)")  # fmt: skip
     m.add_argument("--dry-run", action="store_true",
@@ -46,7 +49,8 @@ def merge_command(args: argparse.Namespace) -> int:
         return _error("a configuration file is needed (or --list-methods)")
     if args.dry_run:
         try:
-            merge_plan = engine.plan(args.config, allow_pickle=args.allow_pickle)
+            merge_plan = engine.plan(args.config, allow_pickle=args.allow_pickle,
+                                     trust_remote_code=args.trust_remote_code)  # fmt: skip
         except (ValueError, OSError, RuntimeError) as exc:
             return _error(str(exc) or type(exc).__name__)
         try:
@@ -73,6 +77,7 @@ def merge_command(args: argparse.Namespace) -> int:
                 shard_bytes=parse_size(args.shard_size),
                 progress=not args.quiet and rank == 0,
                 write_model_card=args.write_model_card,
+                trust_remote_code=args.trust_remote_code,
             )
         except (ValueError, OSError, RuntimeError) as exc:
             where = f" (rank {rank} of {world_size})" if world_size > 1 else ""

@@ -65,7 +65,8 @@ def resolve_models(cfg: MergeConfig, allow_pickle: bool = False) -> list[Path]:
     return [resolve_model(str(ref), include_bin=allow_pickle) for ref in cfg.all_models()]
 
 
-def plan(config: Union[MergeConfig, PathLike], *, allow_pickle: bool = False) -> MergePlan:
+def plan(config: Union[MergeConfig, PathLike], *, allow_pickle: bool = False,
+         trust_remote_code: bool = False) -> MergePlan:  # fmt: skip
     """The checked plan of a merge, without merging: what ``fastmerge merge --dry-run``
     prints (:meth:`MergePlan.describe`). The caller closes ``plan.checkpoints``.
 
@@ -88,7 +89,7 @@ def plan(config: Union[MergeConfig, PathLike], *, allow_pickle: bool = False) ->
     checkpoints = open_models(paths, allow_pickle, same_keys=False)
     try:
         merge_plan = plan_merge(cfg, paths, checkpoints)
-        _plan_vocabulary(merge_plan)
+        _plan_vocabulary(merge_plan, trust_remote_code)
     except BaseException:
         for c in checkpoints:
             c.close()
@@ -96,7 +97,7 @@ def plan(config: Union[MergeConfig, PathLike], *, allow_pickle: bool = False) ->
     return merge_plan
 
 
-def _plan_vocabulary(merge_plan: MergePlan) -> None:
+def _plan_vocabulary(merge_plan: MergePlan, trust_remote_code: bool = False) -> None:
     """Build the output vocabulary (when the configuration asks for one) and point the
     embedding tasks at it."""
     cfg = merge_plan.config
@@ -107,7 +108,8 @@ def _plan_vocabulary(merge_plan: MergePlan) -> None:
     refs = cfg.all_models()
     base = next((j for j, r in enumerate(refs) if r == cfg.base), None)
     vocab = plan_vocabulary(merge_plan.models, base, cfg.tokenizer,
-                            references=[str(r) for r in refs])  # fmt: skip
+                            references=[str(r) for r in refs],
+                            trust_remote_code=trust_remote_code)  # fmt: skip
     merge_plan.vocabulary = vocab
     if vocab is None or not vocab.permutes:
         return
@@ -257,6 +259,7 @@ def run(
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     progress: bool = False,
     write_model_card: bool = False,
+    trust_remote_code: bool = False,
     rank: int = 0,
     world_size: int = 1,
     barrier: Optional[Callable[[], None]] = None,
@@ -276,6 +279,9 @@ def run(
         block_bytes: tensors larger than this (per model) are merged in row blocks of
             about this size when the method allows it, so that the inputs of one huge
             tensor (an embedding) never sit in memory together.
+        trust_remote_code: allow code named by the configuration to run: ``pleas``'s
+            ``model``/``data`` functions, and tokenizers whose files ship Python code.
+            Without it such a configuration is refused before anything is imported.
         rank, world_size, barrier: merge only this rank's tensors (see the module doc);
             `barrier` is required when world_size > 1.
 
@@ -307,10 +313,10 @@ def run(
             raise ConfigError(f"merge_method {cfg.method} runs on one rank only")
         return method.run(
             cfg, out_dir, device=device, overwrite=overwrite, allow_pickle=allow_pickle,
-            shard_bytes=shard_bytes, progress=progress,
+            shard_bytes=shard_bytes, progress=progress, trust_remote_code=trust_remote_code,
         )  # fmt: skip
     allocate_large_blocks_with_mmap()  # freed tensors leave the process at once
-    merge_plan = plan(cfg, allow_pickle=allow_pickle)
+    merge_plan = plan(cfg, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     try:
         return _execute(merge_plan, out_dir, start, device=device, overwrite=overwrite,
                         shard_bytes=shard_bytes, prefetch_bytes=prefetch_bytes,

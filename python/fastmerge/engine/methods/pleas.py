@@ -184,8 +184,10 @@ def resolve_callable(spec: str, key: str) -> Callable[..., Any]:
     module_name, attr = _split_callable(spec, key)
     try:
         obj: Any = importlib.import_module(module_name)
-    except Exception as exc:  # any failure while importing the user's module
-        raise ConfigError(f"parameters.{key}: cannot import {module_name!r} ({exc})") from None
+    except (Exception, SystemExit) as exc:  # any failure while importing the user's module
+        raise ConfigError(
+            f"parameters.{key}: cannot import {module_name!r} ({_failure(exc)})"
+        ) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"parameters.{key}: {module_name!r} has no attribute {attr!r}")
@@ -195,13 +197,22 @@ def resolve_callable(spec: str, key: str) -> Callable[..., Any]:
     return obj
 
 
+def _failure(exc: BaseException) -> str:
+    """One line for an exception of the user's code (sys.exit too), bounded in length."""
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= 300 else text[:297] + "..."
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({text})"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _call(fn: Callable[[], Any], spec: str, key: str) -> Any:
     try:
         return fn()
-    except Exception as exc:  # the user's function failed: say which one
-        raise ConfigError(
-            f"parameters.{key}: {spec}() raised {type(exc).__name__}: {exc}"
-        ) from None
+    except (Exception, SystemExit) as exc:  # the user's function failed: say which one
+        if isinstance(exc, SystemExit):
+            raise ConfigError(f"parameters.{key}: {spec}() exited: {_failure(exc)}") from None
+        raise ConfigError(f"parameters.{key}: {spec}() raised {_failure(exc)}") from None
 
 
 def _build_model(fn: Callable[[], Any], spec: str, path: Path, allow_pickle: bool) -> nn.Module:
@@ -242,11 +253,38 @@ def _nbytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
+def check_trusted(cfg: MergeConfig, trust_remote_code: bool) -> None:
+    """Refuse, before anything is imported, to run the configuration's Python functions
+    unless the caller opted in.
+
+    Raises:
+        ConfigError: naming the keys whose code would run, and the flag that allows it.
+
+    Example:
+        >>> cfg = parse_pleas({"merge_method": "pleas", "models": ["a", "b"],
+        ...     "parameters": {"model": "nets:mlp", "data": "nets:batches"}})
+        >>> try:
+        ...     check_trusted(cfg, trust_remote_code=False)
+        ... except ConfigError as exc:
+        ...     print(str(exc)[:70])
+        config: parameters.model, parameters.data: merge_method pleas imports
+    """
+    if trust_remote_code:
+        return
+    params = cfg.shared
+    keys = "parameters.model, parameters.data" + (", module_path" if cfg.module_path else "")
+    raise ConfigError(
+        f"{cfg.source}: {keys}: merge_method pleas imports and runs the Python functions "
+        f"{str(params['model'])[:100]!r} and {str(params['data'])[:100]!r} named in the "
+        "configuration; pass --trust-remote-code (trust_remote_code=True) to allow it"
+    )
+
+
 def _merge(
     cfg: MergeConfig, *, device: str = "cpu", allow_pickle: bool = False
 ) -> tuple[nn.Module, int]:
     """Import the callables, build both models, and run :func:`fastmerge.pleas.merge` with
-    the configuration's parameters.
+    the configuration's parameters (:func:`check_trusted` first).
 
     Returns:
         the merged module (with ``fastmerge_info``) and the bytes of the two inputs.
@@ -311,9 +349,11 @@ def run_pleas(
     allow_pickle: bool = False,
     shard_bytes: int,
     progress: bool = False,
+    trust_remote_code: bool = False,
 ) -> MergeSummary:
     """Merge the two models of `cfg` and write the output directory (see the module
-    documentation); called by :func:`fastmerge.engine.run`.
+    documentation); called by :func:`fastmerge.engine.run`. The configuration's functions
+    are imported and run only with `trust_remote_code`.
 
     Returns:
         the :class:`~fastmerge.engine.output.MergeSummary`.
@@ -333,7 +373,7 @@ def run_pleas(
         >>> cfg = parse_pleas({"merge_method": "pleas", "module_path": str(d),
         ...     "models": [str(d / "m1.safetensors"), str(d / "m2.safetensors")],
         ...     "parameters": {"model": "nets_doc:mlp", "data": "nets_doc:data", "budget": 1.5}})
-        >>> run_pleas(cfg, d / "out", shard_bytes=1 << 30).tensors
+        >>> run_pleas(cfg, d / "out", shard_bytes=1 << 30, trust_remote_code=True).tensors
         4
         >>> json.loads((d / "out" / INFO_NAME).read_text())["widths"]
         {'0': 12}
@@ -342,6 +382,7 @@ def run_pleas(
 
     del progress  # fastmerge.pleas.merge has no progress bar
     start = time.perf_counter()
+    check_trusted(cfg, trust_remote_code)
     check_output_dir(out_dir, overwrite)
     merged, bytes_read = _merge(cfg, device=device, allow_pickle=allow_pickle)
     state = {k: v.detach().cpu() for k, v in merged.state_dict().items()}

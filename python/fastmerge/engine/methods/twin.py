@@ -216,9 +216,11 @@ def run_twin(
     allow_pickle: bool = False,
     shard_bytes: int,
     progress: bool = False,
+    trust_remote_code: bool = False,
 ) -> MergeSummary:
     """Build the Twin merger of `cfg` and write the output directory (see the module
-    documentation); called by :func:`fastmerge.engine.run`.
+    documentation); called by :func:`fastmerge.engine.run` (`trust_remote_code` is
+    unused: twin runs no code from the configuration).
 
     Returns:
         the :class:`~fastmerge.engine.output.MergeSummary`.
