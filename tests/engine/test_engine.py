@@ -339,3 +339,27 @@ def test_yaml_alias_bomb_is_one_line_and_fast(tmp_path, capsys, key):
     code, _, err = cli(["merge", cfg, "--out", tmp_path / "out"], capsys)
     assert time.perf_counter() - start < 10  # no expansion of the 9^9-entry value
     assert code == 2 and err.count("\n") == 1 and len(err) < 500, err
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("cuda", "--device cuda: "), ("cuda:7", "--device cuda:7: "), ("mps", "is not supported"),
+     ("gpu!", "is not a device")],
+)  # fmt: skip
+def test_bad_device_is_one_line(three, capsys, device, message):
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that GPU")
+    tmp, _ = three
+    cfg = write(tmp, {"merge_method": "linear", "models": [str(tmp / "a"), str(tmp / "b")]})
+    code, _, err = cli(["merge", cfg, "--out", tmp / "out", "--device", device], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp / "out").exists()
+
+
+def test_output_that_is_an_input_is_refused(three, capsys):
+    tmp, m = three
+    cfg = write(tmp, {"merge_method": "linear", "models": [str(tmp / "a"), str(tmp / "b")]})
+    for out in (tmp / "a", tmp):
+        code, _, err = cli(["merge", cfg, "--out", out, "--overwrite"], capsys)
+        assert code == 2 and "is (or holds) the input model" in err, err
+    assert torch.equal(output(tmp / "a")["model.norm.weight"], m["a"]["model.norm.weight"])

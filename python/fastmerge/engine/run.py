@@ -234,6 +234,69 @@ def _progress(total_bytes: int, count: int, enabled: bool):
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"merging {count} tensors")
 
 
+def check_device(device: str) -> torch.device:
+    """The torch device of ``--device``, after checking that it can run here.
+
+    Raises:
+        ConfigError: not a device name, a device type other than cpu/cuda, CUDA asked
+            for where torch has no CUDA support or no GPU is visible, a GPU index that
+            does not exist.
+
+    Example:
+        >>> check_device("cpu")
+        device(type='cpu')
+        >>> check_device("mps:0")
+        Traceback (most recent call last):
+        ...
+        fastmerge.engine.errors.ConfigError: --device: 'mps:0' is not supported; use cpu, ...
+    """
+    shown = repr(str(device)[:40])
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"--device: {shown} is not a device (cpu, cuda, cuda:N)") from None
+    if target.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device: {shown} is not supported; use cpu, cuda or cuda:N")
+    if target.type == "cuda":
+        if torch.version.cuda is None:
+            raise ConfigError(
+                f"--device {device}: this torch ({torch.__version__}) was built without CUDA"
+            )
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA GPU is visible to torch here")
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return target
+
+
+def check_not_an_input(out_dir: PathLike, cfg: MergeConfig) -> None:
+    """Refuse an output directory that is an input model, or holds one (``--overwrite``
+    would replace the input).
+
+    Example:
+        >>> import tempfile
+        >>> from fastmerge.engine import parse_config
+        >>> d = tempfile.mkdtemp()
+        >>> check_not_an_input(d, parse_config({"merge_method": "linear", "models": [d, "x"]}))
+        Traceback (most recent call last):
+        ...
+        fastmerge.engine.errors.ConfigError: --out ...: is (or holds) the input model ...
+    """
+    out = Path(out_dir).resolve()
+    for ref in cfg.all_models():
+        path = Path(str(ref)).expanduser()
+        if not path.exists():
+            continue  # a hub id: its files are in the hub's cache
+        path = path.resolve()
+        if path == out or out in path.parents:
+            raise ConfigError(
+                f"--out {out_dir}: is (or holds) the input model {ref}; choose another "
+                "output directory"
+            )
+
+
 def _set_threads(threads: int) -> None:
     if int(threads) < 1:
         raise CheckpointError(f"--threads must be >= 1, got {threads}")
@@ -305,6 +368,8 @@ def run(
     start = time.perf_counter()
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     check_output_dir(out_dir, overwrite)
+    check_not_an_input(out_dir, cfg)
+    check_device(device)
     if threads is not None:
         _set_threads(threads)
     method = cfg.method_info
@@ -333,7 +398,7 @@ def _execute(merge_plan: MergePlan, out_dir: PathLike, start: float, *, device: 
              progress: bool, rank: int, world_size: int, barrier, write_model_card: bool
              ) -> MergeSummary:  # fmt: skip
     cfg = merge_plan.config
-    target = torch.device(device)
+    target = check_device(device)
     specs = [TensorSpec(t.name, t.dtype, t.shape) for t in merge_plan.tasks]
     writer = ShardedWriter(out_dir, specs, max_shard_bytes=shard_bytes, overwrite=overwrite,
                            metadata={"merged_by": "fastmerge", "merge_method": cfg.method},
