@@ -487,3 +487,35 @@ def test_cli_merge_under_torchrun(tmp_path):
     one, two = _read_output(tmp_path / "one"), _read_output(tmp_path / "two")
     assert one.keys() == two.keys()
     assert all(torch.equal(two[name], value) for name, value in one.items())
+
+
+def _stalled_rank(rank: int, world: int):
+    """Rank 1 stops answering (as under SIGSTOP); rank 0 votes with a 2 s timeout."""
+    from fastmerge.engine.distributed import OtherRankFailed, _Agreement
+
+    if rank == 1:
+        time.sleep(6)
+        return "stalled"
+    start = time.monotonic()
+    try:
+        _Agreement(timeout_s=2.0).barrier()
+    except OtherRankFailed as exc:
+        return str(exc), time.monotonic() - start
+    return "no error", time.monotonic() - start
+
+
+def test_a_rank_that_stops_answering_is_named_within_the_timeout(tmp_path):
+    (message, waited), stalled = run_ranks(tmp_path, _stalled_rank)
+    assert stalled == "stalled"
+    assert "rank 0 of 2: rank(s) 1 did not answer within --timeout 2 s" in message, message
+    assert waited < 5
+
+
+def test_cli_timeout_must_be_positive(tmp_path, capsys):
+    from fastmerge.cli import main
+
+    for bad in ("0", "-1", "inf", "nan", "soon"):
+        assert main(["merge", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "o"),
+                     "--timeout", bad]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert "--timeout must be a positive number of seconds" in err and err.count("\n") == 1

@@ -28,6 +28,8 @@ def add_arguments(m: argparse.ArgumentParser) -> None:
                    help="print the plan (tensors, bytes, parameters); write nothing")  # fmt: skip
     m.add_argument("--list-methods", action="store_true",
                    help="print the merge methods with their parameters and references")  # fmt: skip
+    m.add_argument("--timeout", default="300",
+                   help="torchrun: seconds a rank waits for the others (default 300)")  # fmt: skip
     m.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
 
@@ -35,6 +37,15 @@ def _error(message: str, where: str = "") -> int:
     message = " ".join(message.split())[:2000]
     print(f"fastmerge merge: error{where}: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+def _seconds(text: str):
+    """A positive, finite number of seconds (at most a week), or None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 < value <= 7 * 86400 else None
 
 
 def merge_command(args: argparse.Namespace) -> int:
@@ -61,11 +72,14 @@ def merge_command(args: argparse.Namespace) -> int:
         return 0
     if args.out is None:
         return _error("--out is needed (the output directory)")
+    timeout = _seconds(args.timeout)
+    if timeout is None:
+        return _error(f"--timeout must be a positive number of seconds, got {args.timeout[:40]!r}")
     from ..dist import process_group_from_launcher
     from ..engine.distributed import run_merge_distributed
     from ..engine.run import parse_size
 
-    with process_group_from_launcher() as (rank, world_size):
+    with process_group_from_launcher(timeout_s=timeout) as (rank, world_size):
         try:
             summary = run_merge_distributed(
                 args.config,
@@ -78,6 +92,7 @@ def merge_command(args: argparse.Namespace) -> int:
                 progress=not args.quiet and rank == 0,
                 write_model_card=args.write_model_card,
                 trust_remote_code=args.trust_remote_code,
+                timeout_s=timeout,
             )
         except (ValueError, OSError, RuntimeError) as exc:
             where = f" (rank {rank} of {world_size})" if world_size > 1 else ""

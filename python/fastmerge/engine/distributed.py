@@ -10,27 +10,36 @@ and every rank reports it:
 2. "rank 0 wrote the index and moved the directory into place": if rank 0 failed there,
    every rank raises.
 
-A rank that fails casts its remaining votes as failures, so no rank waits for it.
+A rank that fails casts its remaining votes as failures, so no rank waits for it. A rank
+that stops responding (stopped, stuck, killed without its process group noticing) makes
+the others wait at most `timeout_s` (``fastmerge merge --timeout``): with gloo, each vote
+starts with a monitored barrier, so the error names the ranks that did not arrive.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Union
 
 import torch
+import torch.distributed as tdist
 
 from .. import dist
 from .config import MergeConfig, PathLike
 from .output import MergeSummary
 from .run import run
 
-__all__ = ["OtherRankFailed", "run_merge_distributed"]
+__all__ = ["DEFAULT_TIMEOUT_S", "OtherRankFailed", "run_merge_distributed"]
 
 #: The votes every rank casts, in this order: shards written, output published.
 _VOTES = 2
+#: How long a rank waits for the others at a vote (and to form the process group).
+DEFAULT_TIMEOUT_S = 300.0
+_MISSING = re.compile(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier")
 
 
 class OtherRankFailed(RuntimeError):
@@ -40,13 +49,42 @@ class OtherRankFailed(RuntimeError):
 class _Agreement:
     """All-rank votes; a rank that fails casts the votes it still owes as failures."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.cast = 0
+        self.timeout_s = float(timeout_s)
+        self.broken = False  # a vote timed out: the group cannot be trusted any more
+
+    def _unresponsive(self, exc: BaseException) -> OtherRankFailed:
+        rank, world = dist.rank_and_world_size()
+        found = _MISSING.search(str(exc))
+        if found:
+            who = f"rank(s) {found.group(1).strip()} did not answer"
+        elif rank != 0:
+            who = "rank 0 did not answer"
+        else:
+            who = "another rank did not answer"
+        self.broken = True
+        return OtherRankFailed(
+            f"rank {rank} of {world}: {who} within --timeout {self.timeout_s:g} s (stopped, "
+            "stuck or dead); the output was not written"
+        )
 
     def vote(self, ok: bool) -> bool:
-        """True when every rank voted ok."""
-        flag = torch.tensor([1.0 if ok else 0.0], dtype=torch.float64)
-        (agreed,) = dist.all_reduce_values(flag.tolist(), op="min")
+        """True when every rank voted ok.
+
+        Raises:
+            OtherRankFailed: a rank did not vote within the timeout (naming it, with gloo).
+        """
+        if self.broken:
+            return False
+        timeout = datetime.timedelta(seconds=self.timeout_s)
+        try:
+            if tdist.get_backend() == "gloo":  # names the ranks that do not arrive
+                tdist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
+            flag = torch.tensor([1.0 if ok else 0.0], dtype=torch.float64)
+            (agreed,) = dist.all_reduce_values(flag.tolist(), op="min")
+        except RuntimeError as exc:  # gloo/NCCL timeouts and lost peers
+            raise self._unresponsive(exc) from None
         self.cast += 1
         return agreed == 1.0
 
@@ -56,8 +94,11 @@ class _Agreement:
             raise OtherRankFailed("another rank failed while merging; the output was not written")
 
     def fail(self) -> None:
-        while self.cast < _VOTES:
-            self.vote(False)
+        try:
+            while self.cast < _VOTES and not self.broken:
+                self.vote(False)
+        except OtherRankFailed:  # the rank's own error is the one to report
+            pass
 
 
 def _rank_device(device: str) -> str:
@@ -84,7 +125,8 @@ def run_merge_distributed(
 
     Args:
         options: as for ``run`` (``device="cuda"`` means each rank's own GPU);
-            ``rank``, ``world_size`` and ``barrier`` come from the process group.
+            ``rank``, ``world_size`` and ``barrier`` come from the process group;
+            ``timeout_s``: how long a rank waits for the others at each vote.
 
     Raises:
         OtherRankFailed: another rank failed (that rank raises its own error).
@@ -105,11 +147,12 @@ def run_merge_distributed(
     for name in ("rank", "world_size", "barrier"):
         if name in options:
             raise TypeError(f"run_merge_distributed() sets {name} itself from the process group")
+    timeout_s = options.pop("timeout_s", DEFAULT_TIMEOUT_S)
     rank, world_size = dist.rank_and_world_size()
     if world_size == 1:
         return run(config, out_dir, **options)
     options["device"] = _rank_device(options.get("device", "cpu"))
-    agreement = _Agreement()
+    agreement = _Agreement(timeout_s)
     try:
         summary = run(
             config,
