@@ -11,6 +11,7 @@ import safetensors.torch
 import torch
 
 from fastmerge import io
+from fastmerge.io import CheckpointError, read_header
 from fastmerge.io import safetensors as st
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
@@ -200,3 +201,43 @@ def test_pickle_refused_then_loaded_weights_only(tmp_path, capsys):
     with pytest.raises(io.CheckpointError, match="weights_only=True"):
         io.open_checkpoint(tmp_path / "evil.pt", allow_pickle=True)
     assert "must never run" not in capsys.readouterr().out
+
+
+# ---- hostile headers and indexes --------------------------------------------------------
+
+
+def _raw_file(path, header: str, data: bytes = b"") -> None:
+    raw = header.encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def test_duplicate_tensor_name_is_refused(tmp_path):
+    entry = '{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+    _raw_file(tmp_path / "dup.safetensors", f'{{"w": {entry}, "w": {entry}}}', b"\0" * 4)
+    with pytest.raises(CheckpointError, match="key 'w' appears twice"):
+        read_header(tmp_path / "dup.safetensors")
+
+
+@pytest.mark.parametrize("metadata", ['"text"', "[1]", '{"a": 1}', '{"a": {"b": "c"}}'])
+def test_metadata_must_be_an_object_of_strings(tmp_path, metadata):
+    _raw_file(tmp_path / "m.safetensors", f'{{"__metadata__": {metadata}}}')
+    with pytest.raises(CheckpointError, match="__metadata__ is not an object of strings"):
+        read_header(tmp_path / "m.safetensors")
+
+
+def test_deeply_nested_header_is_a_clean_error(tmp_path):
+    _raw_file(tmp_path / "deep.safetensors", "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="deep.safetensors: corrupt header"):
+        read_header(tmp_path / "deep.safetensors")
+
+
+@pytest.mark.parametrize("target", ["../outside/x.safetensors", "/etc/passwd", "a/../../x"])
+def test_index_entry_outside_the_directory_is_refused(tmp_path, target):
+    (tmp_path / "outside").mkdir()
+    safetensors.torch.save_file({"w": torch.ones(1)}, tmp_path / "outside" / "x.safetensors")
+    model = tmp_path / "model"
+    model.mkdir()
+    index = {"metadata": {}, "weight_map": {"w": target}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="points outside the checkpoint's directory"):
+        io.open_checkpoint(model)

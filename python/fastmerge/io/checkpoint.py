@@ -185,6 +185,16 @@ def _union(files: list[Path], allow_pickle: bool) -> dict[str, Mapping[str, torc
     return shards
 
 
+def _inside(directory: Path, filename: str) -> bool:
+    """Whether `filename` (from an index) names a file inside `directory`: a relative
+    path that does not climb out with ``..``. Symlinks are followed as any reader would
+    (the Hugging Face cache links every snapshot file to its blob store)."""
+    if os.path.isabs(filename) or "\x00" in filename:
+        return False
+    norm = os.path.normpath(filename)
+    return norm not in (".", "..") and not norm.startswith(".." + os.sep)
+
+
 def _open_index(index: Path, allow_pickle: bool) -> dict[str, Mapping[str, torch.Tensor]]:
     """name -> shard for a sharded checkpoint, checking the index against the shards."""
     try:
@@ -192,12 +202,19 @@ def _open_index(index: Path, allow_pickle: bool) -> dict[str, Mapping[str, torch
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index}: corrupt index ({exc})") from None
+        raise CheckpointError(f"{index}: corrupt index ({str(exc)[:200]})") from None
+    except RecursionError:
+        raise CheckpointError(f"{index}: corrupt index (JSON nested too deeply)") from None
     opened: dict[str, dict[str, Mapping[str, torch.Tensor]]] = {}
     shards: dict[str, Mapping[str, torch.Tensor]] = {}
     for name, filename in weight_map.items():
         if filename not in opened:
-            file = index.parent / str(filename)
+            if not isinstance(filename, str) or not _inside(index.parent, filename):
+                raise CheckpointError(
+                    f"{index}: key {str(name)[:200]!r} points outside the checkpoint's "
+                    f"directory ({str(filename)[:200]!r})"
+                )
+            file = index.parent / filename
             if not file.is_file():
                 raise CheckpointError(f"{index}: shard {filename} (key {name!r}) is missing")
             opened[filename] = _open_file(file, allow_pickle)

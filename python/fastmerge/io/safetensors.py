@@ -107,6 +107,21 @@ def _fail(path: PathLike, what: str) -> CheckpointError:
     return CheckpointError(f"{os.fspath(path)}: {what}")
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict, refusing a key that appears twice (json.loads
+    would keep the last one silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def read_header(path: PathLike) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
     """Parse and validate the header of a safetensors file.
 
@@ -114,9 +129,10 @@ def read_header(path: PathLike) -> tuple[dict[str, TensorInfo], dict[str, str], 
     ``__metadata__`` strings and the file offset of the first data byte.
 
     Raises:
-        CheckpointError: the file is missing, too short, its header is not JSON, names an
-            unknown dtype, has a size inconsistent with its shape, or an offset outside
-            the file or overlapping another tensor (the message names file and key).
+        CheckpointError: the file is missing, too short, its header is not JSON (or
+            repeats a key, or has a ``__metadata__`` that is not an object of strings),
+            names an unknown dtype, has a size inconsistent with its shape, or an offset
+            outside the file or overlapping another tensor (the message names file and key).
 
     Example:
         >>> import tempfile, torch, safetensors.torch
@@ -141,12 +157,22 @@ def read_header(path: PathLike) -> tuple[dict[str, TensorInfo], dict[str, str], 
     except IsADirectoryError:
         raise _fail(path, "is a directory, not a safetensors file") from None
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:  # the safetensors library refuses such a file too
+        raise _fail(path, f"corrupt header: key {str(exc)[:200]!r} appears twice") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(path, f"corrupt header (not JSON: {exc})") from None
+        raise _fail(path, f"corrupt header (not JSON: {str(exc)[:200]})") from None
+    except RecursionError:
+        raise _fail(path, "corrupt header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise _fail(path, "corrupt header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _fail(path, "corrupt header: __metadata__ is not an object of strings")
     data_start = 8 + length
     tensors = {name: _tensor_info(path, name, entry) for name, entry in header.items()}
     _check_layout(path, tensors, size - data_start)
