@@ -422,7 +422,9 @@ def _cli_scenario(config: str, out: str, fail: str = ""):
                 mock.patch.object(ShardedWriter, "write", side_effect=OSError("disk full"))
             )
         if fail == "rank 0 while publishing" and rank == 0:
-            patches.append(mock.patch.object(ShardedWriter, "_replace",
+            from fastmerge.io.publish import Staging
+
+            patches.append(mock.patch.object(Staging, "publish",
                                              side_effect=OSError("rename failed")))  # fmt: skip
         import contextlib
         import io

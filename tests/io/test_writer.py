@@ -117,10 +117,13 @@ def test_two_ranks_write_one_output(tmp_path):
     out = tmp_path / "out"
     barrier = threading.Barrier(2)
     errors = []
+    run_id = io.new_run_id()  # the ranks of one run agree on it
 
     def rank(r):
         try:
-            writer = io.ShardedWriter(out, specs, max_shard_bytes=64, rank=r, world_size=2)
+            writer = io.ShardedWriter(
+                out, specs, max_shard_bytes=64, rank=r, world_size=2, run_id=run_id
+            )
             for name in writer.order:
                 writer.write(name, values[name])
             writer.commit(barrier.wait)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 
 #: Exit status for bad input (missing/corrupt files, bad config, existing output).
 EXIT_BAD_INPUT = 2
@@ -30,6 +33,8 @@ def add_arguments(m: argparse.ArgumentParser) -> None:
                    help="print the merge methods with their parameters and references")  # fmt: skip
     m.add_argument("--timeout", default="300",
                    help="torchrun: seconds a rank waits for the others (default 300)")  # fmt: skip
+    m.add_argument("--no-fsync", action="store_true",
+                   help="do not fsync the output before publishing (scratch merges)")  # fmt: skip
     m.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
 
@@ -37,6 +42,27 @@ def _error(message: str, where: str = "") -> int:
     message = " ".join(message.split())[:2000]
     print(f"fastmerge merge: error{where}: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM and SIGINT raise :class:`~fastmerge.engine.errors.Interrupted` in the main
+    thread while the merge runs, so that it removes what it wrote and the command exits
+    with one line (128 + the signal's number), as a killed command should."""
+    from ..engine.errors import Interrupted
+
+    def stop(signum, frame):
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _seconds(text: str):
@@ -77,9 +103,10 @@ def merge_command(args: argparse.Namespace) -> int:
         return _error(f"--timeout must be a positive number of seconds, got {args.timeout[:40]!r}")
     from ..dist import process_group_from_launcher
     from ..engine.distributed import run_merge_distributed
+    from ..engine.errors import Interrupted
     from ..engine.run import parse_size
 
-    with process_group_from_launcher(timeout_s=timeout) as (rank, world_size):
+    with _signals_interrupt(), process_group_from_launcher(timeout_s=timeout) as (rank, world_size):
         try:
             summary = run_merge_distributed(
                 args.config,
@@ -93,10 +120,17 @@ def merge_command(args: argparse.Namespace) -> int:
                 write_model_card=args.write_model_card,
                 trust_remote_code=args.trust_remote_code,
                 timeout_s=timeout,
+                fsync=not args.no_fsync,
             )
+        except Interrupted as stop:
+            print(f"fastmerge merge: interrupted by {stop.name}; nothing was written",
+                  file=sys.stderr)  # fmt: skip
+            return 128 + stop.signum
         except (ValueError, OSError, RuntimeError) as exc:
             where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
             return _error(str(exc) or type(exc).__name__, where)
     if not args.quiet and rank == 0:
+        for note in summary.notes:
+            print(f"fastmerge merge: note: {note}", file=sys.stderr)
         print(summary.line())
     return 0

@@ -29,7 +29,9 @@ import torch
 import torch.distributed as tdist
 
 from .. import dist
+from ..io import new_run_id, staging_dir
 from .config import MergeConfig, PathLike
+from .errors import Interrupted
 from .output import MergeSummary
 from .run import run
 
@@ -109,10 +111,13 @@ def _rank_device(device: str) -> str:
     return f"cuda:{local % torch.cuda.device_count()}"
 
 
-def _partial_dir(out_dir: PathLike) -> Path:
-    """The temporary directory that the ranks share (named by fastmerge.io's writer)."""
-    out = Path(out_dir)
-    return out.resolve().parent / f".{out.name}.fastmerge-partial"
+def _shared_run_id() -> str:
+    """One run id for every rank: rank 0's random one, sent to all (48 bits, exact in
+    the float64 reduction)."""
+    rank, _ = dist.rank_and_world_size()
+    mine = float(int(new_run_id(), 16)) if rank == 0 else 0.0
+    (value,) = dist.all_reduce_values([mine], op="sum")
+    return f"{int(value):012x}"
 
 
 def run_merge_distributed(
@@ -153,6 +158,7 @@ def run_merge_distributed(
         return run(config, out_dir, **options)
     options["device"] = _rank_device(options.get("device", "cpu"))
     agreement = _Agreement(timeout_s)
+    run_id = _shared_run_id()  # every rank writes into this run's own directory
     try:
         summary = run(
             config,
@@ -160,12 +166,14 @@ def run_merge_distributed(
             rank=rank,
             world_size=world_size,
             barrier=agreement.barrier,
+            run_id=run_id,
             **options,
         )
-    except BaseException:
-        agreement.fail()
+    except BaseException as exc:
+        if not isinstance(exc, Interrupted):  # a signal stops the ranks without votes
+            agreement.fail()
         if rank == 0:  # every rank has aborted by now: clear what a late rank re-created
-            shutil.rmtree(_partial_dir(out_dir), ignore_errors=True)
+            shutil.rmtree(staging_dir(Path(out_dir), run_id), ignore_errors=True)
         raise
     if not agreement.vote(True):
         raise OtherRankFailed("rank 0 failed to publish the output; nothing was written")
@@ -175,4 +183,5 @@ def run_merge_distributed(
 def _whole_merge(mine: MergeSummary) -> MergeSummary:
     counts = dist.all_reduce_values([mine.tensors, mine.bytes_read, mine.bytes_written])
     longest = dist.all_reduce_values([mine.seconds, mine.peak_rss_bytes], op="max")
-    return MergeSummary(int(counts[0]), int(counts[1]), int(counts[2]), longest[0], int(longest[1]))
+    return MergeSummary(int(counts[0]), int(counts[1]), int(counts[2]), longest[0],
+                        int(longest[1]), mine.notes)  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..io import CheckpointError
 
-__all__ = ["CheckpointError", "ConfigError"]
+__all__ = ["CheckpointError", "ConfigError", "Interrupted"]
 
 
 class ConfigError(ValueError):
@@ -18,3 +18,22 @@ class ConfigError(ValueError):
         ...
         fastmerge.engine.errors.ConfigError: cfg.yaml: density: must be in (0, 1], got 1.5
     """
+
+
+class Interrupted(BaseException):
+    """The merge was stopped by a signal (SIGTERM, SIGINT); what it had written was
+    removed. A BaseException, like KeyboardInterrupt, so that no ``except Exception``
+    swallows it.
+
+    Example:
+        >>> import signal
+        >>> Interrupted(signal.SIGTERM).name
+        'SIGTERM'
+    """
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(signum)
+        self.signum = int(signum)
+        self.name = signal.Signals(signum).name

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import resource
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -46,6 +46,8 @@ class MergeSummary:
     bytes_written: int
     seconds: float
     peak_rss_bytes: int
+    #: What the run did about leftovers of interrupted runs (one line each).
+    notes: list = field(default_factory=list)
 
     @property
     def read_rate(self) -> float:

@@ -323,9 +323,11 @@ def run(
     progress: bool = False,
     write_model_card: bool = False,
     trust_remote_code: bool = False,
+    fsync: bool = True,
     rank: int = 0,
     world_size: int = 1,
     barrier: Optional[Callable[[], None]] = None,
+    run_id: Optional[str] = None,
 ) -> MergeSummary:
     """Merge the checkpoints of `config` (a :class:`MergeConfig` or a YAML path) into
     `out_dir`: safetensors shards of at most `shard_bytes`, their index, the template
@@ -345,8 +347,11 @@ def run(
         trust_remote_code: allow code named by the configuration to run: ``pleas``'s
             ``model``/``data`` functions, and tokenizers whose files ship Python code.
             Without it such a configuration is refused before anything is imported.
-        rank, world_size, barrier: merge only this rank's tensors (see the module doc);
-            `barrier` is required when world_size > 1.
+        fsync: fsync every file and directory before publishing (``--no-fsync``: not,
+            for scratch merges; a power loss can then leave truncated files).
+        rank, world_size, barrier, run_id: merge only this rank's tensors (see the module
+            doc); `barrier` and the `run_id` all ranks share (:func:`fastmerge.io.new_run_id`)
+            are required when world_size > 1.
 
     Raises:
         CheckpointError: missing/corrupt inputs, mismatched models, existing output.
@@ -379,6 +384,7 @@ def run(
         return method.run(
             cfg, out_dir, device=device, overwrite=overwrite, allow_pickle=allow_pickle,
             shard_bytes=shard_bytes, progress=progress, trust_remote_code=trust_remote_code,
+            fsync=fsync,
         )  # fmt: skip
     allocate_large_blocks_with_mmap()  # freed tensors leave the process at once
     merge_plan = plan(cfg, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -387,7 +393,7 @@ def run(
                         shard_bytes=shard_bytes, prefetch_bytes=prefetch_bytes,
                         block_bytes=block_bytes, progress=progress, rank=rank,
                         world_size=world_size, barrier=barrier,
-                        write_model_card=write_model_card)  # fmt: skip
+                        write_model_card=write_model_card, run_id=run_id, fsync=fsync)  # fmt: skip
     finally:
         for c in merge_plan.checkpoints:
             c.close()
@@ -395,14 +401,15 @@ def run(
 
 def _execute(merge_plan: MergePlan, out_dir: PathLike, start: float, *, device: str,
              overwrite: bool, shard_bytes: int, prefetch_bytes: int, block_bytes: int,
-             progress: bool, rank: int, world_size: int, barrier, write_model_card: bool
-             ) -> MergeSummary:  # fmt: skip
+             progress: bool, rank: int, world_size: int, barrier, write_model_card: bool,
+             run_id: Optional[str], fsync: bool) -> MergeSummary:  # fmt: skip
     cfg = merge_plan.config
     target = check_device(device)
     specs = [TensorSpec(t.name, t.dtype, t.shape) for t in merge_plan.tasks]
     writer = ShardedWriter(out_dir, specs, max_shard_bytes=shard_bytes, overwrite=overwrite,
                            metadata={"merged_by": "fastmerge", "merge_method": cfg.method},
-                           rank=rank, world_size=world_size)  # fmt: skip
+                           rank=rank, world_size=world_size, run_id=run_id,
+                           fsync=fsync)  # fmt: skip
     tasks = {t.name: t for t in merge_plan.tasks}
     reader = _TaskInputs(merge_plan)
     mine = [tasks[n] for n in writer.order]
@@ -430,7 +437,8 @@ def _execute(merge_plan: MergePlan, out_dir: PathLike, start: float, *, device: 
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - start
-    return MergeSummary(len(mine), bytes_read, writer.bytes_written, seconds, peak_rss_bytes())
+    return MergeSummary(len(mine), bytes_read, writer.bytes_written, seconds, peak_rss_bytes(),
+                        list(writer.notes))  # fmt: skip
 
 
 def _add_files(writer: ShardedWriter, merge_plan: MergePlan, write_model_card: bool) -> None:

@@ -9,7 +9,8 @@
 * :class:`ShardedWriter` writes planned safetensors shards and their index into a
   temporary directory renamed into place only when complete.
 * :func:`empty_tensor` allocates large CPU buffers whose pages fault in cheaply (2 MiB
-  transparent huge pages), as the reader does for every tensor it reads.
+  transparent huge pages), as the reader does for every tensor it reads; inside
+  :func:`reusing_buffers` (and while a :class:`Prefetcher` runs) freed ones are reused.
 
 Example:
     >>> import tempfile, torch
@@ -21,9 +22,10 @@ Example:
     [1.0, 2.0]
 """
 
-from ._memory import empty_tensor
+from ._memory import empty_tensor, reusing_buffers
 from .checkpoint import Checkpoint, open_checkpoint
 from .prefetch import DEFAULT_BLOCK_BYTES, DEFAULT_PREFETCH_BYTES, Prefetcher
+from .publish import clean_leftovers, new_run_id, staging_dir
 from .safetensors import CheckpointError, SafetensorsReader, TensorInfo, read_header
 from .writer import (
     DEFAULT_SHARD_BYTES,
@@ -36,6 +38,9 @@ from .writer import (
 )
 
 __all__ = [
+    "clean_leftovers",
+    "new_run_id",
+    "staging_dir",
     "DEFAULT_BLOCK_BYTES",
     "DEFAULT_PREFETCH_BYTES",
     "DEFAULT_SHARD_BYTES",
@@ -53,4 +58,5 @@ __all__ = [
     "partition_names",
     "plan_shards",
     "read_header",
+    "reusing_buffers",
 ]

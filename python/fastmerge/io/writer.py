@@ -5,9 +5,11 @@ the base model's), so the shards are planned up front: each shard's header is wr
 first and each tensor's bytes are appended as soon as it is merged. Nothing but the
 tensor being written is held in memory, whatever the shard size.
 
-The files go to a temporary directory beside the output (same file system) that is
-renamed into place only when every shard, the index and the extra files are complete;
-on any exception it is removed, so an interrupted write leaves no output.
+The files go to the run's own staging directory beside the output (same file system;
+:mod:`fastmerge.io.publish`) that is renamed into place only when every shard, the index
+and the extra files are complete and fsynced; on any exception it is removed, so an
+interrupted write leaves no output, and a run killed outright leaves a directory that the
+next run removes.
 
 Tensor bytes go to the files with unbuffered ``os.write`` calls straight from the
 tensor's memory (no copy in Python), on a background thread by default: the caller's
@@ -22,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import threading
 import weakref
 from collections import deque
@@ -33,6 +34,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from .publish import Staging, new_run_id
 from .safetensors import CheckpointError, header_bytes, tensor_bytes
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -197,6 +199,8 @@ class ShardedWriter:
         rank: int = 0,
         world_size: int = 1,
         write_behind_bytes: int = DEFAULT_WRITE_BEHIND_BYTES,
+        run_id: Optional[str] = None,
+        fsync: bool = True,
     ) -> None:
         self.out_dir = check_output_dir(out_dir, overwrite)
         self.overwrite = overwrite
@@ -212,21 +216,18 @@ class ShardedWriter:
         self._in_shard = 0  # tensors written into the open shard
         self._rows_done = 0  # rows of the current tensor written by write_rows
         self._shard_open = False
-        self.tmp_dir = self._make_tmp_dir()
+        if run_id is None and self.world_size > 1:
+            raise ValueError("ShardedWriter with world_size > 1 needs the run_id all ranks share")
+        self.fsync = bool(fsync)
+        self._staging = Staging(self.out_dir, run_id or new_run_id(), owner=self.rank == 0,
+                                fsync=self.fsync)  # fmt: skip
+        self.tmp_dir = self._staging.tmp_dir
+        #: What the run did about leftovers of interrupted runs (one line each).
+        self.notes = self._staging.notes
         self.bytes_written = 0
-        self._files = _FileWriter(int(write_behind_bytes))
+        self._files = _FileWriter(int(write_behind_bytes), fsync=self.fsync)
         # a writer dropped without commit() or abort() stops its thread and closes its file
         self._finalizer = weakref.finalize(self, self._files.cancel)
-
-    def _make_tmp_dir(self) -> Path:
-        parent = self.out_dir.resolve().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        if self.world_size == 1:
-            return Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=parent))
-        # Every rank must find the same directory: its name is deterministic.
-        tmp = parent / f".{self.out_dir.name}.fastmerge-partial"
-        tmp.mkdir(exist_ok=True)
-        return tmp
 
     def __enter__(self) -> ShardedWriter:
         return self
@@ -311,13 +312,16 @@ class ShardedWriter:
         if self.rank != 0:
             return
         target = self.tmp_dir / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, Path):
-            shutil.copyfile(content, target)
-        elif isinstance(content, str):
-            target.write_text(content)
-        else:
-            target.write_bytes(content)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, Path):
+                shutil.copyfile(content, target)
+            elif isinstance(content, str):
+                target.write_text(content)
+            else:
+                target.write_bytes(content)
+        except OSError as exc:
+            raise CheckpointError(f"{target}: cannot write ({exc.strerror or exc})") from None
 
     def index(self) -> dict:
         """The ``model.safetensors.index.json`` content of the whole plan."""
@@ -347,31 +351,18 @@ class ShardedWriter:
             return
         try:
             text = json.dumps(self.index(), indent=2)
-            (self.tmp_dir / INDEX_NAME).write_text(text + "\n")
-            self._replace()
+            self.add_file(INDEX_NAME, text + "\n")
+            self._staging.publish(self.overwrite)
         except BaseException:
             self.abort()
             raise
-
-    def _replace(self) -> None:
-        old = None
-        if self.out_dir.exists():
-            if not self.overwrite:  # appeared while merging
-                raise CheckpointError(f"{self.out_dir}: output directory exists")
-            old = Path(
-                tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.tmp_dir.parent)
-            )
-            os.replace(self.out_dir, old / "previous")
-        os.replace(self.tmp_dir, self.out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:
         """Remove everything written so far (this rank's shards; rank 0: the directory)."""
         self._files.cancel()
         self._shard_open = False
         if self.world_size == 1 or self.rank == 0:
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self._staging.remove()
         else:
             for shard in self._mine:
                 (self.tmp_dir / shard.filename).unlink(missing_ok=True)
@@ -400,9 +391,11 @@ class _FileWriter:
     error is kept and raised by the next call. ``finish()`` waits for everything and
     stops the thread; ``cancel()`` drops what is queued, closes the file and stops it."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, fsync: bool = True) -> None:
         self.budget = max(0, budget)
+        self.fsync = fsync
         self._fd: Optional[int] = None  # used by the thread only, when there is one
+        self._path: Optional[Path] = None
         self._queue: deque = deque()
         self._pending = 0  # bytes queued or being written
         self._busy = False
@@ -511,6 +504,13 @@ class _FileWriter:
             del op  # the tensor's memory may go now
 
     def _run(self, op: tuple) -> None:
+        try:
+            self._run_op(op)
+        except OSError as exc:  # a full disk, a lost mount: name the file
+            where = op[1] if op[0] == "open" else self._path
+            raise CheckpointError(f"{where}: cannot write ({exc.strerror or exc})") from None
+
+    def _run_op(self, op: tuple) -> None:
         if op[0] == "write":
             _write_all(self._fd, op[1])
             if op[2] is not None and _version(op[2]) != op[3]:
@@ -521,8 +521,13 @@ class _FileWriter:
         elif op[0] == "open":
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
             self._fd = os.open(op[1], flags, 0o666)
+            self._path = op[1]
             _write_all(self._fd, memoryview(op[2]))
         else:
             fd, self._fd = self._fd, None
             if fd is not None:
-                os.close(fd)
+                try:
+                    if self.fsync:  # on this thread, while the caller merges on
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)

@@ -350,6 +350,7 @@ def run_pleas(
     shard_bytes: int,
     progress: bool = False,
     trust_remote_code: bool = False,
+    fsync: bool = True,
 ) -> MergeSummary:
     """Merge the two models of `cfg` and write the output directory (see the module
     documentation); called by :func:`fastmerge.engine.run`. The configuration's functions
@@ -394,6 +395,7 @@ def run_pleas(
         max_shard_bytes=shard_bytes,
         overwrite=overwrite,
         metadata={"merged_by": "fastmerge", "merge_method": "pleas"},
+        fsync=fsync,
     )
     try:
         for name in writer.order:
@@ -404,8 +406,9 @@ def run_pleas(
     except BaseException:
         writer.abort()
         raise
+    seconds = time.perf_counter() - start
     return MergeSummary(
-        len(specs), bytes_read, writer.bytes_written, time.perf_counter() - start, peak_rss_bytes()
+        len(specs), bytes_read, writer.bytes_written, seconds, peak_rss_bytes(), list(writer.notes)
     )
 
 

@@ -217,6 +217,7 @@ def run_twin(
     shard_bytes: int,
     progress: bool = False,
     trust_remote_code: bool = False,
+    fsync: bool = True,
 ) -> MergeSummary:
     """Build the Twin merger of `cfg` and write the output directory (see the module
     documentation); called by :func:`fastmerge.engine.run` (`trust_remote_code` is
@@ -255,6 +256,7 @@ def run_twin(
         max_shard_bytes=shard_bytes,
         overwrite=overwrite,
         metadata={"merged_by": "fastmerge", "merge_method": "twin"},
+        fsync=fsync,
     )
     try:
         for name in writer.order:
@@ -272,6 +274,7 @@ def run_twin(
         writer.bytes_written + twin_bytes,
         time.perf_counter() - start,
         peak_rss_bytes(),
+        list(writer.notes),
     )
 
 
