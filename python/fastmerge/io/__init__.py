@@ -9,8 +9,7 @@
 * :class:`ShardedWriter` writes planned safetensors shards and their index into a
   temporary directory renamed into place only when complete.
 * :func:`empty_tensor` allocates large CPU buffers whose pages fault in cheaply (2 MiB
-  transparent huge pages), as the reader does for every tensor it reads; inside
-  :func:`reusing_buffers` (and while a :class:`Prefetcher` runs) freed ones are reused.
+  transparent huge pages), as the reader does for every tensor it reads.
 
 Example:
     >>> import tempfile, torch
@@ -22,7 +21,7 @@ Example:
     [1.0, 2.0]
 """
 
-from ._memory import empty_tensor, reusing_buffers
+from ._memory import empty_tensor
 from .checkpoint import Checkpoint, open_checkpoint
 from .prefetch import DEFAULT_BLOCK_BYTES, DEFAULT_PREFETCH_BYTES, Prefetcher
 from .publish import clean_leftovers, new_run_id, staging_dir
@@ -58,5 +57,4 @@ __all__ = [
     "partition_names",
     "plan_shards",
     "read_header",
-    "reusing_buffers",
 ]

@@ -88,6 +88,9 @@ def empty_tensor(
     :func:`allocate_large_blocks_with_mmap`; the tensor's storage is exactly its own bytes.
     Anything smaller, or without huge pages, is ``torch.empty``.
 
+    (Recycling freed buffers instead, to skip the kernel's zeroing of new pages, was
+    measured slower here: more system time and ~50% more peak memory.)
+
     Example:
         >>> t = empty_tensor((1024, 1024), torch.float32)
         >>> t.shape, t.dtype, t.is_contiguous()
@@ -99,14 +102,12 @@ def empty_tensor(
         return torch.empty(shape, dtype=dtype)
     # one huge page of slack to move the start to a 2 MiB boundary; the slack is never
     # touched, so it costs address space only
-    length = nbytes + HUGE_PAGE
-    region = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE)
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
     whole = torch.frombuffer(region, dtype=torch.uint8)
     start = -whole.data_ptr() % HUGE_PAGE
     del whole
-    huge = nbytes // HUGE_PAGE * HUGE_PAGE
     try:
-        region.madvise(mmap.MADV_HUGEPAGE, start, huge)
+        region.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
     except OSError:  # THP switched off meanwhile: plain pages, still correct
         pass
     # the tensor keeps `region` alive through the buffer it was made from

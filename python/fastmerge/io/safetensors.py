@@ -14,6 +14,8 @@ pages where the system has them), which fault in several times faster than 4 KiB
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import json
 import math
 import os
@@ -56,6 +58,21 @@ DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.ite
 MAX_HEADER_BYTES = 100_000_000
 #: Largest single read: Linux transfers at most about 2 GiB per read call.
 _MAX_READ = 1 << 30
+#: Reads of at least this many bytes are split over up to :data:`READ_THREADS` threads.
+PARALLEL_READ_BYTES = 8 << 20
+#: Threads a large read is split over (the calling thread and helpers).
+READ_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _read_parts(nbytes: int) -> int:
+    return max(1, min(READ_THREADS, nbytes // (PARALLEL_READ_BYTES // 2)))
+
+
+@functools.cache
+def _read_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(
+        max_workers=max(1, READ_THREADS - 1), thread_name_prefix="fastmerge-read"
+    )
 
 
 class CheckpointError(ValueError):
@@ -282,6 +299,25 @@ class SafetensorsReader(Mapping):
     def _read_into(self, buffer: torch.Tensor, offset: int, name: str) -> None:
         view = memoryview(buffer.numpy()).cast("B")
         fd = self._descriptor()
+        parts = _read_parts(len(view))
+        if parts == 1:
+            self._read_range(fd, view, offset, name)
+            return
+        # A large read is split over threads: copying from the page cache is CPU work,
+        # and each preadv releases the GIL.
+        step = -(-len(view) // parts) + 4095 & ~4095
+        pieces = [(view[i : i + step], offset + i) for i in range(0, len(view), step)]
+        futures = [
+            _read_pool().submit(self._read_range, fd, piece, where, name)
+            for piece, where in pieces[1:]
+        ]
+        try:
+            self._read_range(fd, *pieces[0], name)
+        finally:
+            for f in futures:
+                f.result()  # re-raises a helper's error
+
+    def _read_range(self, fd: int, view: memoryview, offset: int, name: str) -> None:
         done = 0
         while done < len(view):
             try:
