@@ -167,3 +167,20 @@ def test_bad_input_names_the_key_and_the_expert():
 
 def test_exported_from_fastmerge():
     assert fastmerge.merge.ties is ties
+
+
+def test_thresholds_of_a_list_equal_those_read_one_expert_at_a_time():
+    """A list of experts is selected in one call per distinct density; an iterator one
+    expert at a time; the thresholds are the same, in expert order."""
+    from fastmerge.merge import TensorMerge
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(5000, generator=g)
+    experts = [base + 0.01 * (t + 1) * torch.randn(5000, generator=g) for t in range(4)]
+    merger = TensorMerge(4, trim="magnitude", densities=[0.3, 0.5, 0.3, 0.5], consensus=True)
+    together = merger.thresholds("w", base, experts)
+    one_by_one = merger.thresholds("w", base, iter(experts))
+    assert [float(t) for t in together] == [float(t) for t in one_by_one]
+    for t, (e, d) in enumerate(zip(experts, [0.3, 0.5, 0.3, 0.5])):
+        k = keep_count(d, base.numel())
+        assert float(together[t]) == float((e - base).abs().kthvalue(5000 - k + 1).values)

@@ -182,15 +182,29 @@ class TensorMerge:
 
     def thresholds(self, key: str, base: torch.Tensor, experts) -> Optional[list[torch.Tensor]]:
         """Per-expert trim thresholds of the whole tensor (None without a magnitude
-        trim); `experts` may be an iterator, read one expert at a time."""
+        trim); `experts` may be an iterator, read one expert at a time. A list is selected
+        in one pass per distinct density (every expert at once)."""
         if self.trim != "magnitude":
             return None
         n = base.numel()
+        ks = [keep_entries(d, n, self.rounding) if n else 0 for d in self.d]
+        if isinstance(experts, Sequence):
+            # all experts in memory: one selection per distinct k over all of its experts,
+            # so that the kernel reads the base once per pass for all of them
+            experts = [e.to(base.device) for e in experts]
+            out: list = [None] * len(experts)
+            for k in dict.fromkeys(ks[: len(experts)]):
+                group = [t for t in range(len(experts)) if ks[t] == k]
+                values = ops.magnitude_threshold(
+                    base, [experts[t] for t in group], k, backend=self.backend
+                )
+                for t, value in zip(group, values):
+                    out[t] = value
+            return out
         out = []
         for t, e in enumerate(experts):
-            k = keep_entries(self.d[t], n, self.rounding) if n else 0
             out.append(
-                ops.magnitude_threshold(base, [e.to(base.device)], k, backend=self.backend)[0]
+                ops.magnitude_threshold(base, [e.to(base.device)], ks[t], backend=self.backend)[0]
             )
         return out
 
