@@ -241,3 +241,46 @@ def test_index_entry_outside_the_directory_is_refused(tmp_path, target):
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="points outside the checkpoint's directory"):
         io.open_checkpoint(model)
+
+
+@pytest.mark.parametrize("map_tensors", [True, False])
+def test_large_tensors_mapped_or_read_are_private_copies(tmp_path, map_tensors):
+    big = torch.arange(3 << 18, dtype=torch.float32).reshape(768, 1024)  # 3 MiB: mapped
+    small = torch.arange(10, dtype=torch.float64)
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file({"big": big, "small": small}, path)
+    before = path.read_bytes()
+    reader = io.SafetensorsReader(path, map_tensors=map_tensors)
+    assert reader.map_tensors is map_tensors
+    got = reader["big"]
+    assert torch.equal(got, big) and torch.equal(reader["small"], small)
+    assert torch.equal(reader.read_rows(reader.info("big"), 100, 700), big[100:700])
+    got.add_(1.0)  # writable; the file and the next read are unchanged
+    assert torch.equal(reader["big"], big)
+    assert path.read_bytes() == before
+    again = reader["big"]
+    assert again.data_ptr() != got.data_ptr()
+    reader.close()
+    assert torch.equal(again, big)  # a map outlives the file descriptor
+
+
+def test_pread_from_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(4)}, path)
+    monkeypatch.setenv("FASTMERGE_READ", "pread")
+    assert io.SafetensorsReader(path).map_tensors is False
+    monkeypatch.delenv("FASTMERGE_READ")
+    assert io.SafetensorsReader(path).map_tensors is True
+
+
+def test_a_file_truncated_after_opening_is_an_error_not_a_crash(tmp_path):
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file({"a": torch.ones(1 << 20), "b": torch.ones(1 << 20)}, path)
+    for map_tensors in (True, False):
+        reader = io.SafetensorsReader(path, map_tensors=map_tensors)
+        size = path.stat().st_size
+        os.truncate(path, size - (3 << 20))
+        with pytest.raises(io.CheckpointError, match="truncated"):
+            reader[max(reader, key=lambda n: reader.info(n).begin)]
+        reader.close()
+        safetensors.torch.save_file({"a": torch.ones(1 << 20), "b": torch.ones(1 << 20)}, path)
