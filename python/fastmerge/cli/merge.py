@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -48,7 +49,9 @@ def _error(message: str, where: str = "") -> int:
 def _signals_interrupt():
     """SIGTERM and SIGINT raise :class:`~fastmerge.engine.errors.Interrupted` in the main
     thread while the merge runs, so that it removes what it wrote and the command exits
-    with one line (128 + the signal's number), as a killed command should."""
+    with one line (128 + the signal's number), as a killed command should. One that comes
+    while the output is being moved into place waits until it is there
+    (:mod:`fastmerge.io.publish`); the line says so then."""
     from ..engine.errors import Interrupted
 
     def stop(signum, frame):
@@ -63,6 +66,35 @@ def _signals_interrupt():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _directories(out: str) -> set:
+    """(device, inode) of `out` and of the old outputs beside it that an interrupted run
+    had moved aside (``.OUT.fastmerge-<id>.old``, which the next run puts back): an `out`
+    that is none of these afterwards is the one this run published."""
+    parent = os.path.dirname(os.path.abspath(out))
+    prefix = f".{os.path.basename(os.path.abspath(out))}.fastmerge-"
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(prefix) and n.endswith(".old")]
+    except OSError:
+        names = []
+    found = set()
+    for path in [out, *(os.path.join(parent, n) for n in names)]:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        found.add((st.st_dev, st.st_ino))
+    return found
+
+
+def _published(out: str, before: set) -> bool:
+    """Whether `out` is now a directory that was not there (as `before`) at the start."""
+    try:
+        st = os.stat(out)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) not in before
 
 
 def _seconds(text: str):
@@ -106,6 +138,7 @@ def merge_command(args: argparse.Namespace) -> int:
     from ..engine.errors import Interrupted
     from ..engine.run import parse_size
 
+    before = _directories(args.out)
     with _signals_interrupt(), process_group_from_launcher(timeout_s=timeout) as (rank, world_size):
         try:
             summary = run_merge_distributed(
@@ -123,8 +156,10 @@ def merge_command(args: argparse.Namespace) -> int:
                 fsync=not args.no_fsync,
             )
         except Interrupted as stop:
-            print(f"fastmerge merge: interrupted by {stop.name}; nothing was written",
-                  file=sys.stderr)  # fmt: skip
+            # a signal that came while the output was moved into place acts once it is there
+            done = ("the output was complete and is published" if _published(args.out, before)
+                    else "nothing was written")  # fmt: skip
+            print(f"fastmerge merge: interrupted by {stop.name}; {done}", file=sys.stderr)
             return 128 + stop.signum
         except (ValueError, OSError, RuntimeError) as exc:
             where = f" (rank {rank} of {world_size})" if world_size > 1 else ""

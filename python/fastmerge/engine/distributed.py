@@ -63,6 +63,8 @@ class _Agreement:
             who = f"rank(s) {found.group(1).strip()} did not answer"
         elif rank != 0:
             who = "rank 0 did not answer"
+        elif world == 2:  # not named (a lost connection): of two ranks, it is rank 1
+            who = "rank(s) 1 did not answer"
         else:
             who = "another rank did not answer"
         self.broken = True

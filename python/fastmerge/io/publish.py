@@ -14,9 +14,12 @@ output ``OUT`` it uses:
 Publishing fsyncs every file and the staging directory, then either exchanges it with the
 old output in one ``renameat2(RENAME_EXCHANGE)`` (so at every instant ``OUT`` is the old or
 the new complete output) or, where the filesystem cannot, renames the old output to
-``.old`` and the staging directory to ``OUT``; then it fsyncs the parent. A run that finds
-the lock of a dead run (:func:`clean_leftovers`) removes its staging directory and puts a
-``.old`` back at ``OUT`` if the crash came between those two renames.
+``.old`` and the staging directory to ``OUT`` (putting the old one back if that fails);
+then it fsyncs the parent. SIGTERM and SIGINT are held back from the first rename until
+the run's lock is released, and delivered then, so a signal never stops a run between two
+renames. A run that finds the lock of a dead run (:func:`clean_leftovers`) removes its
+staging directory and puts a ``.old`` back at ``OUT`` if the crash (``kill -9``) came
+between those two renames.
 
 Example:
     >>> import tempfile
@@ -31,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -39,6 +43,8 @@ import os
 import re
 import secrets
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -119,6 +125,37 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
+def _remove(path: Path) -> None:
+    """Remove a directory tree, or a file or symbolic link (never what a link points to)."""
+    if path.is_symlink() or (os.path.lexists(path) and not path.is_dir()):
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGTERM and SIGINT wait for the end of the block: their Python handlers are swapped
+    for one that notes the signal, and the noted signals are raised again afterwards, under
+    the original handlers. Only the main thread runs Python signal handlers, so elsewhere
+    nothing can interrupt the block and nothing needs holding."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {}
+    for s in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(s) not in (signal.SIG_IGN, None):  # None: not set from Python
+            previous[s] = signal.signal(s, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(held):
+            signal.raise_signal(s)
+
+
 def tree_bytes(root: Path) -> int:
     """Bytes of the files under `root` (0 when it is gone)."""
     total = 0
@@ -165,12 +202,12 @@ def clean_leftovers(out: Path, keep: Optional[str] = None) -> list[str]:
                 size = tree_bytes(tmp)
                 shutil.rmtree(tmp, ignore_errors=True)
                 notes.append(f"removed {size / 1e6:.0f} MB left by an interrupted run: {tmp}")
-            if old.exists():
-                if not out.exists():
+            if os.path.lexists(old):
+                if not os.path.lexists(out):
                     os.replace(old, out)
                     notes.append(f"restored {out}, which an interrupted run was replacing")
                 else:
-                    shutil.rmtree(old, ignore_errors=True)
+                    _remove(old)
             entry.unlink(missing_ok=True)
         finally:
             os.close(lock)
@@ -182,6 +219,27 @@ def clean_leftovers(out: Path, keep: Optional[str] = None) -> list[str]:
                 "fastmerge run; remove it if no merge is running"
             )
     return notes
+
+
+def _create_lock(path: Path) -> int:
+    """An fd holding an exclusive lock on the file `path`, created if needed. A run that
+    cleans leftovers may take and delete a lock file in the instant between its creation
+    and its locking here: then the lock is on a deleted file and a new one is made."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        fd = os.open(path, flags, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            mine, there = os.fstat(fd), os.stat(path)
+        except FileNotFoundError:
+            os.close(fd)
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        if (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino):
+            return fd
+        os.close(fd)
 
 
 def _try_lock(path: Path) -> Optional[int]:
@@ -220,12 +278,15 @@ class Staging:
         self.notes: list[str] = []
         self._lock: Optional[int] = None
         if owner:
-            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-            self._lock = os.open(self.lock_path, flags, 0o666)
-            fcntl.flock(self._lock, fcntl.LOCK_EX)
-            self.notes = clean_leftovers(self.out, keep=run_id)
-        # every rank of a run may create it; mode 0o777 & ~umask, as any new directory
-        self.tmp_dir.mkdir(exist_ok=True)
+            self._lock = _create_lock(self.lock_path)
+        try:
+            if owner:
+                self.notes = clean_leftovers(self.out, keep=run_id)
+            # every rank of a run may create it; mode 0o777 & ~umask, as any new directory
+            self.tmp_dir.mkdir(exist_ok=True)
+        except BaseException:  # a signal or an error while cleaning: leave no lock behind
+            self.release()
+            raise
 
     def publish(self, overwrite: bool) -> None:
         """Move the staging directory to `out` durably (owner only), replacing an
@@ -233,20 +294,24 @@ class Staging:
         if self.fsync:
             fsync_tree(self.tmp_dir)
         out = self.out
-        if out.exists() or out.is_symlink():
-            if not overwrite:  # appeared while merging
-                raise CheckpointError(f"{out}: output directory exists")
+        if (out.exists() or out.is_symlink()) and not overwrite:  # appeared while merging
+            raise CheckpointError(f"{out}: output directory exists")
+        with _signals_held():  # no signal stops the run between the renames
             if out.is_dir() and not out.is_symlink() and exchange(self.tmp_dir, out):
                 shutil.rmtree(self.tmp_dir, ignore_errors=True)  # now the old output
-            else:
+            elif out.exists() or out.is_symlink():
                 os.replace(out, self.old_dir)
+                try:
+                    os.replace(self.tmp_dir, out)
+                except BaseException:
+                    os.replace(self.old_dir, out)  # the old output stays
+                    raise
+                _remove(self.old_dir)
+            else:
                 os.replace(self.tmp_dir, out)
-                shutil.rmtree(self.old_dir, ignore_errors=True)
-        else:
-            os.replace(self.tmp_dir, out)
-        if self.fsync:
-            fsync_path(out.resolve().parent)
-        self.release()
+            if self.fsync:
+                fsync_path(out.resolve().parent)
+            self.release()
 
     def remove(self) -> None:
         """Remove the staging directory and release the lock (after a failure)."""

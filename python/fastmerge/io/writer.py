@@ -224,10 +224,18 @@ class ShardedWriter:
         self.tmp_dir = self._staging.tmp_dir
         #: What the run did about leftovers of interrupted runs (one line each).
         self.notes = self._staging.notes
+        if self.notes:  # again: cleaning up may have put an old output back at out_dir
+            try:
+                check_output_dir(out_dir, overwrite)
+            except CheckpointError as exc:
+                self._staging.remove()
+                raise CheckpointError("; ".join([str(exc), *self.notes])) from None
         self.bytes_written = 0
         self._files = _FileWriter(int(write_behind_bytes), fsync=self.fsync)
-        # a writer dropped without commit() or abort() stops its thread and closes its file
-        self._finalizer = weakref.finalize(self, self._files.cancel)
+        # a writer dropped without commit() or abort() stops its thread and closes its
+        # file, and (rank 0) removes its staging directory
+        owned = self._staging if self.rank == 0 else None
+        self._finalizer = weakref.finalize(self, _drop, self._files, owned)
 
     def __enter__(self) -> ShardedWriter:
         return self
@@ -366,6 +374,14 @@ class ShardedWriter:
         else:
             for shard in self._mine:
                 (self.tmp_dir / shard.filename).unlink(missing_ok=True)
+
+
+def _drop(files: _FileWriter, staging: Optional[Staging]) -> None:
+    """What happens to a writer dropped without commit() or abort() (as when an exception
+    comes between its creation and the caller's ``try``)."""
+    files.cancel()
+    if staging is not None:
+        staging.remove()
 
 
 def _version(tensor: Optional[torch.Tensor]) -> Optional[int]:
