@@ -34,6 +34,7 @@ own keys (see :mod:`fastmerge.engine.methods.twin` and ``.pleas``).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ import torch
 from ..io import CheckpointError
 from .errors import ConfigError
 from .params import check_setting
-from .registry import MergeMethod, get_method
+from .registry import MergeMethod, _short, get_method
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -87,11 +88,13 @@ DTYPES = {
 @dataclass
 class ModelEntry:
     """One input model: its reference (a path or ``org/name[@revision]``), its own raw
-    parameter settings, and (``twin``) its task name."""
+    parameter settings, (``twin``) its task name, and its position in ``models`` (for
+    messages: ``models[2].density``)."""
 
     path: Path
     parameters: dict[str, Any] = field(default_factory=dict)
     name: Optional[str] = None
+    index: Optional[int] = None
 
 
 @dataclass
@@ -149,6 +152,7 @@ class MergeConfig:
     tokenizer: Any = None  # a fastmerge.engine.tokenizer.TokenizerSettings, or None
     source: str = "config"
     base_parameters: dict[str, Any] = field(default_factory=dict)  # the base's own entry
+    base_label: str = "base_model"  # where the base's own settings are, for messages
 
     @property
     def output_dtype(self) -> Optional[torch.dtype]:
@@ -183,7 +187,7 @@ def same_model(a: Any, b: Any) -> bool:
         return True
     try:
         return Path(str(a)).resolve() == Path(str(b)).resolve()
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):  # ValueError: a NUL byte in a path
         return False
 
 
@@ -201,11 +205,18 @@ def load_config(path: PathLike) -> MergeConfig:
     if not p.is_file():
         raise CheckpointError(f"{p}: no such config file")
     try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({' '.join(str(exc).split())[:300]})") from None
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        byte = f"byte {exc.start} is {exc.object[exc.start]:#x}"
+        raise ConfigError(f"{p}: not a YAML text file (not UTF-8: {byte})") from None
+    try:
+        raw = yaml.safe_load(text)
     except RecursionError:
         raise ConfigError(f"{p}: YAML nested too deeply") from None
+    # ValueError: an integer of more than 4300 digits, a date out of range; TypeError,
+    # OverflowError: other values PyYAML's constructors cannot build.
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+        raise ConfigError(f"{p}: not valid YAML ({' '.join(str(exc).split())[:300]})") from None
     return parse_config(raw, source=str(p))
 
 
@@ -233,11 +244,31 @@ def check_keys(raw: Mapping[str, Any], valid: Sequence[str], where: str) -> None
 
 
 def model_reference(value: Any, where: str) -> Path:
-    """A ``model:`` value (a path or hub id string) as a Path; anything else is refused."""
+    """A ``model:`` value (a path or hub id string) as a Path; anything else is refused,
+    and so is a string that can be neither (a NUL byte, a lone surrogate, a path
+    component longer than the 255 bytes a file name may have).
+
+    Example:
+        >>> model_reference("x" * 300, "cfg: base_model")
+        Traceback (most recent call last):
+        ...
+        fastmerge.engine.errors.ConfigError: cfg: base_model: a path component of 300 bytes ...
+    """
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{where}: must be a model path or hub id (a string)")
     if len(value) > 4096:
         raise ConfigError(f"{where}: a model reference of {len(value)} characters is too long")
+    if "\0" in value:
+        raise ConfigError(f"{where}: a model reference cannot contain a NUL byte")
+    try:
+        parts = value.encode("utf-8").split(b"/")
+    except UnicodeEncodeError:  # a lone surrogate ("\\ud800" in the YAML)
+        raise ConfigError(f"{where}: a model reference must be valid Unicode text") from None
+    longest = max(len(part) for part in parts)
+    if longest > 255:
+        raise ConfigError(
+            f"{where}: a path component of {longest} bytes is longer than a file name can be"
+        )
     return Path(value)
 
 
@@ -313,31 +344,73 @@ def seed_of(raw: Mapping[str, Any], source: str) -> int:
 
 
 def _patterns(value: Any, key: str, source: str) -> Any:
-    if value is None or isinstance(value, str):
+    if value is None:
         return value
-    if isinstance(value, list) and all(isinstance(v, str) for v in value) and len(value) < 4096:
-        return value
-    raise ConfigError(f"{source}: {key} must be a regex or a list of regexes")
+    items = [value] if isinstance(value, str) else value
+    strings = isinstance(items, list) and all(isinstance(v, str) for v in items)
+    if not strings or len(items) >= 4096:
+        raise ConfigError(f"{source}: {key} must be a regex or a list of regexes")
+    for i, pattern in enumerate(items):
+        at = f"{key}[{i}]" if isinstance(value, list) else key
+        try:
+            re.compile(pattern)
+            nested = _nested_repeat(pattern)
+        except (re.error, OverflowError, RecursionError) as exc:  # OverflowError: a{99999999999}
+            raise ConfigError(
+                f"{source}: {at}: {_short(pattern)} is not a valid regex ({str(exc)[:100]})"
+            ) from None
+        if nested:
+            raise ConfigError(
+                f"{source}: {at}: {_short(pattern)} repeats a repetition (like (a+)+), which "
+                "can take exponential time on a tensor name; write it without the nesting"
+            )
+    return value
 
 
-def _settings(raw: Any, method: MergeMethod, where: str, scopes: tuple[str, ...]) -> dict:
-    """Raw parameter settings of one place in the YAML, with names and shapes checked."""
+def _nested_repeat(pattern: str) -> bool:
+    """Whether a regex has an unbounded repeat of something that repeats (``(a+)+``,
+    ``(.*)*x``, ``(\\w+\\.?)+``): Python's re backtracks through every split of a name
+    then, for minutes. (Ambiguous alternatives under a repeat, ``(a|a)*``, are not seen.)"""
+    try:
+        from re import _parser as parser  # Python >= 3.11
+    except ImportError:  # pragma: no cover - Python 3.9, 3.10
+        import sre_parse as parser  # type: ignore[no-redef]
+    repeats = (parser.MAX_REPEAT, parser.MIN_REPEAT)
+
+    def walk(node: Any, inside: bool) -> bool:
+        if isinstance(node, parser.SubPattern):
+            for op, av in node:
+                unbounded = op in repeats and av[1] == parser.MAXREPEAT
+                if op in repeats and inside and av[1] > 1:
+                    return True
+                if walk(av, inside or unbounded):
+                    return True
+        elif isinstance(node, (list, tuple)):
+            return any(walk(x, inside) for x in node)
+        return False
+
+    return walk(parser.parse(pattern), False)
+
+
+def _settings(raw: Any, method: MergeMethod, key: str, scopes: tuple[str, ...]) -> dict:
+    """Raw parameter settings of one place in the YAML (`key`: ``cfg.yaml: parameters``,
+    ``cfg.yaml: models[0].parameters``), with names and shapes checked."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: parameters must be a mapping")
+        raise ConfigError(f"{key}: must be a mapping")
     valid = [p.name for p in method.parameters]
     if not valid and raw:
-        raise ConfigError(f"{where}: merge_method {method.name} takes no parameters")
-    _unknown(raw, valid, f"{where} parameters")
+        raise ConfigError(f"{key}: merge_method {method.name} takes no parameters")
+    _unknown(raw, valid, key)
     for name, setting in raw.items():
         p = method.parameter(name)
         if p.scope not in scopes:
             raise ConfigError(
-                f"{where}.parameters.{name}: {name} is a {p.scope} parameter of "
+                f"{key}.{name}: {name} is a {p.scope} parameter of "
                 f"{method.name}; set it in the top-level (or slice) parameters"
             )
-        check_setting(setting, f"{where}.parameters.{name}")
+        check_setting(setting, f"{key}.{name}")
     return dict(raw)
 
 
@@ -370,8 +443,10 @@ def parse_config(raw: Any, source: str = "config") -> MergeConfig:
     if has_models:
         for i, entry in enumerate(model_entries(raw["models"], MODEL_KEYS, source)):
             where = f"{source}: models[{i}]"
-            own = _settings(entry.get("parameters"), method, where, ("model", "non_base"))
-            experts.append(ModelEntry(Path(str(entry["model"])), own))
+            own = _settings(
+                entry.get("parameters"), method, f"{where}.parameters", ("model", "non_base")
+            )
+            experts.append(ModelEntry(Path(str(entry["model"])), own, index=i))
     else:
         slices = _slices(raw["slices"], method, source)
     if (
@@ -397,6 +472,8 @@ def parse_config(raw: Any, source: str = "config") -> MergeConfig:
     # The base model's own `parameters` entry (mergekit lists the base among the models).
     base_entry = next((e for e in experts if base is not None and same_model(e.path, base)), None)
     cfg.base_parameters = base_entry.parameters if base_entry is not None else {}
+    if base_entry is not None and base_entry.parameters:
+        cfg.base_label = f"models[{base_entry.index}]"  # its settings come from there
     if not cfg.experts and not slices:
         raise ConfigError(f"{source}: no models besides the base model")
     if any(raw.get(k) is not None for k in ("tokenizer_source", "tokenizer", "chat_template")):
@@ -410,6 +487,7 @@ def parse_config(raw: Any, source: str = "config") -> MergeConfig:
 
 
 def _slices(raw: Any, method: MergeMethod, source: str) -> list[OutputSlice]:
+    everywhere = ("global", "model", "non_base")
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"{source}: 'slices' must be a non-empty list of {{sources: [...]}}")
     slices = []
@@ -435,7 +513,9 @@ def _slices(raw: Any, method: MergeMethod, source: str) -> list[OutputSlice]:
                 or not 0 <= lr[0] < lr[1]
             ):
                 raise ConfigError(f"{w}.layer_range must be [start, stop] with 0 <= start < stop")
-            params = _settings(src.get("parameters"), method, w, ("model", "non_base"))
+            params = _settings(
+                src.get("parameters"), method, f"{w}.parameters", ("model", "non_base")
+            )
             model = model_reference(src["model"], f"{w}.model")
             sources.append(SliceSource(model, (lr[0], lr[1]), params))
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
@@ -448,7 +528,7 @@ def _slices(raw: Any, method: MergeMethod, source: str) -> list[OutputSlice]:
             OutputSlice(
                 sources,
                 model_reference(base, f"{where}.base_model") if base is not None else None,
-                _settings(entry.get("parameters"), method, where, ("global", "model", "non_base")),
+                _settings(entry.get("parameters"), method, f"{where}.parameters", everywhere),
             )
         )
     return slices

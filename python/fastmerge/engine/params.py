@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
 
 from .errors import ConfigError
+from .registry import _short
 
 _SCALARS = (bool, int, float, str)
 #: A gradient longer than this is refused (a YAML alias bomb expands to huge lists).
@@ -43,7 +44,7 @@ MAX_GRADIENT = 4096
 MAX_DEPTH = 8
 
 
-def check_setting(setting: Any, where: str, depth: int = 0) -> None:
+def check_setting(setting: Any, where: str, depth: int = 0, _seen: Optional[set] = None) -> None:
     """Check the shape of one parameter's setting (scalar, gradient, filter list) before
     any value is used, so that a bad one is named with its key.
 
@@ -60,9 +61,16 @@ def check_setting(setting: Any, where: str, depth: int = 0) -> None:
     """
     if depth > MAX_DEPTH:
         raise ConfigError(f"{where}: conditional settings nested too deeply")
+    # YAML aliases make one list the value of many settings: check each object once per
+    # depth, or a few lines of aliases take 9**8 visits (a recursive alias still reaches
+    # MAX_DEPTH).
+    seen = set() if _seen is None else _seen
+    if not isinstance(setting, _SCALARS):
+        if (id(setting), depth) in seen:
+            return
+        seen.add((id(setting), depth))
     if isinstance(setting, _SCALARS):
-        if isinstance(setting, float) and not math.isfinite(setting):
-            raise ConfigError(f"{where}: must be finite, got {setting}")
+        _check_scalar(setting, where)
         return
     if isinstance(setting, Mapping):
         setting = [setting]
@@ -79,6 +87,7 @@ def check_setting(setting: Any, where: str, depth: int = 0) -> None:
         for i, e in enumerate(setting):
             if isinstance(e, float) and not math.isfinite(e):
                 raise ConfigError(f"{where}: gradient entry {i} is not finite ({e})")
+            _check_scalar(e, f"{where}: gradient entry {i}")
         return
     for i, cond in enumerate(setting):
         if not isinstance(cond, Mapping):
@@ -88,9 +97,7 @@ def check_setting(setting: Any, where: str, depth: int = 0) -> None:
             )
         bad = [k for k in cond if k not in ("filter", "value")]
         if bad:
-            raise ConfigError(
-                f"{where}[{i}]: unknown key {str(bad[0])[:40]!r}; valid: filter, value"
-            )
+            raise ConfigError(f"{where}[{i}]: unknown key {_short(bad[0])}; valid: filter, value")
         if "value" not in cond:
             raise ConfigError(f"{where}[{i}]: a conditional setting needs a 'value'")
         filt = cond.get("filter")
@@ -98,7 +105,16 @@ def check_setting(setting: Any, where: str, depth: int = 0) -> None:
             raise ConfigError(
                 f"{where}[{i}].filter: must be a string (a substring of tensor names)"
             )
-        check_setting(cond["value"], f"{where}[{i}].value", depth + 1)
+        check_setting(cond["value"], f"{where}[{i}].value", depth + 1, seen)
+
+
+def _check_scalar(value: Any, where: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be finite, got {value}")
+    # An int past float's range (YAML reads 0xfff... exactly) is no parameter's value,
+    # even where it is never used, and no text either (repr stops at 4300 digits).
+    if isinstance(value, int) and value.bit_length() > 1024:
+        raise ConfigError(f"{where}: {_short(value)} is too large")
 
 
 def evaluate(setting: Any, tensor_name: str, t: float, convert: Callable[[Any], Any]) -> Any:

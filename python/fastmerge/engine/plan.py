@@ -30,7 +30,7 @@ from ..merge import key_selector
 from .config import MergeConfig, OutputSlice, SliceSource, same_model
 from .errors import ConfigError
 from .params import resolve
-from .registry import REQUIRED, MergeMethod, Parameter
+from .registry import REQUIRED, MergeMethod, Parameter, _short
 
 #: ``<prefix>.<layers>.<index>.<rest>``: the layer index of a tensor name.
 LAYER_PATTERN = re.compile(
@@ -272,8 +272,9 @@ class _Planner:
             for src in s.sources:
                 j = self.index(src.model)
                 if src.layer_range[1] > self.layers[j]:
+                    start, stop = map(_short, src.layer_range)  # YAML reads 0xfff... exactly
                     raise ConfigError(
-                        f"{self.cfg.source}: slices[{k}]: layer_range {list(src.layer_range)} "
+                        f"{self.cfg.source}: slices[{k}]: layer_range [{start}, {stop}] "
                         f"of {src.model} is beyond its {self.layers[j]} layers"
                     )
         first, last = slices[0], slices[-1]
@@ -396,16 +397,20 @@ class _Planner:
             task.per_input.append(params)
 
     def model_label(self, ref: Path) -> str:
+        """Where a model's own settings are in the YAML (its index in ``models``)."""
         if self.cfg.base is not None and same_model(ref, self.cfg.base):
-            return "base_model"
-        i = next(i for i, e in enumerate(self.cfg.experts) if same_model(e.path, ref))
-        return f"models[{i}]"
+            return self.cfg.base_label
+        i, e = next((i, e) for i, e in enumerate(self.cfg.experts) if same_model(e.path, ref))
+        return f"models[{e.index if e.index is not None else i}]"
 
     def value(self, p: Parameter, scopes, tensor_name: str, task: TensorTask,
               model: Optional[Path]) -> Any:  # fmt: skip
-        value, label = resolve(p.name, scopes, tensor_name, task.t, p.convert)
-        where = f"{self.cfg.source}: {label or 'parameters'}.{p.name}"
         whom = f" for model {model}" if model is not None else ""
+        try:
+            value, label = resolve(p.name, scopes, tensor_name, task.t, p.convert)
+        except ConfigError as exc:  # a value of the wrong type: "<label>.<name>: ..."
+            raise ConfigError(f"{self.cfg.source}: {exc}{whom} ({task.group})") from None
+        where = f"{self.cfg.source}: {label or 'parameters'}.{p.name}"
         if value is None:
             if p.default is REQUIRED:
                 raise ConfigError(

@@ -95,11 +95,15 @@ class Parameter:
                 raise ConfigError(f"must be a number, got {_short(value)}") from None
         if not isinstance(value, (int, float)):
             raise ConfigError(f"must be a number, got {_short(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float's range (YAML reads 0xfff... exactly)
+            raise ConfigError(f"must be a number, got {_short(value)}, too large") from None
         if self.kind is int:
-            if float(value) != int(value):
+            if not number.is_integer():
                 raise ConfigError(f"must be an integer, got {_short(value)}")
             return int(value)
-        return float(value)
+        return number
 
     def check(self, value: Any) -> Optional[str]:
         """Why `value` (already converted) is out of range, or None when it is fine."""
@@ -133,7 +137,14 @@ def _number(x: float) -> str:
 
 
 def _short(value: Any) -> str:
-    """repr of a value for an error message, never long (YAML aliases can be huge)."""
+    """repr of a value for an error message, never long (YAML aliases can be huge).
+
+    Example:
+        >>> _short("x" * 100)[-5:], _short(2**300), _short([1])
+        ('xx...', 'an integer of 301 bits', 'a list')
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 192:
+        return f"an integer of {value.bit_length()} bits"  # repr is refused past 4300 digits
     text = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else None
     if text is None:
         text = f"a {type(value).__name__}"

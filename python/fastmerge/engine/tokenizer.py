@@ -76,6 +76,9 @@ LOG = logging.getLogger(__name__)
 
 #: mergekit 0.1.5's built-in chat templates (read from an installed mergekit's data).
 BUILTIN_CHAT_TEMPLATES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+#: The largest ``pad_to_multiple_of``: every embedding and LM head gets up to this many
+#: rows more (mergekit has no bound; 10**9 would make gigabytes of padding rows).
+MAX_PAD_TO_MULTIPLE_OF = 65536
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,8 @@ class TokenizerSettings:
 # ---- parsing -----------------------------------------------------------------------------
 def _shown(value: Any) -> str:
     """A value for an error message, never long (a YAML alias can expand to gigabytes)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 192:
+        return f"an integer of {value.bit_length()} bits"  # repr is refused past 4300 digits
     text = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else None
     text = text if text is not None else f"a {type(value).__name__}"
     return text if len(text) <= 60 else text[:57] + "..."
@@ -146,11 +151,27 @@ def _fail(where: str, key: str, message: str) -> ConfigError:
     return ConfigError(f"{where}: {key}: {message}")
 
 
+def _unicode(text: str) -> bool:
+    """Whether `text` can be written (YAML's "\\ud800" makes a lone surrogate, which
+    no file, tokenizer or path takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _model_ref(value: Any, where: str, key: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _fail(where, key, f"must be a model path or hub id (a string), got {_shown(value)}")
     if "+" in value:
-        raise _fail(where, key, f"LoRA references (model+lora) are not supported: {value!r}")
+        raise _fail(where, key, f"LoRA references (model+lora) are not supported: {_shown(value)}")
+    # what cannot be a path or a hub id (and makes os.stat raise): the checks of
+    # fastmerge.engine.config.model_reference
+    if "\0" in value or len(value) > 4096:
+        raise _fail(where, key, f"{_shown(value)} is not a possible model path or hub id")
+    if not _unicode(value) or any(len(p) > 255 for p in value.encode("utf-8").split(b"/")):
+        raise _fail(where, key, f"{_shown(value)} is not a possible model path or hub id")
     return value
 
 
@@ -170,11 +191,13 @@ def _token_source(value: Any, where: str, key: str) -> TokenSource:
     kind = value.get("kind")
     valid = {None: ("model",), "zero": ("kind",), "model_token": ("kind", "model", "token_id")}
     valid["model_token"] += ("token",)
-    if kind not in valid:
+    if not isinstance(kind, (str, type(None))) or kind not in valid:  # a list is unhashable
         raise _fail(where, key + ".kind", f"must be zero or model_token, got {_shown(kind)}")
     bad = [k for k in value if k not in valid[kind]]
     if bad:
-        raise _fail(where, key, f"unknown key {bad[0]!r}; valid keys: {', '.join(valid[kind])}")
+        raise _fail(
+            where, key, f"unknown key {_shown(bad[0])}; valid keys: {', '.join(valid[kind])}"
+        )
     if kind == "zero":
         return ZeroEmbedding()
     model = _model_ref(value.get("model"), where, key + ".model")
@@ -183,7 +206,7 @@ def _token_source(value: Any, where: str, key: str) -> TokenSource:
     token_id, token = value.get("token_id"), value.get("token")
     if (token_id is None) == (token is None):
         raise _fail(where, key, "give exactly one of token_id and token")
-    if token_id is not None and (type(token_id) is not int or token_id < 0):
+    if token_id is not None and (type(token_id) is not int or not 0 <= token_id < 2**63):
         raise _fail(where, key + ".token_id", f"must be an integer >= 0, got {_shown(token_id)}")
     if token is not None and not isinstance(token, str):
         raise _fail(where, key + ".token", f"must be a string, got {_shown(token)}")
@@ -198,13 +221,15 @@ def _tokens(value: Any, where: str) -> dict[str, TokenOverride]:
     out = {}
     for tok, entry in value.items():
         if not isinstance(tok, str) or not tok:
-            raise _fail(where, "tokenizer.tokens", f"token {tok!r} is not a non-empty string")
+            raise _fail(where, "tokenizer.tokens", f"token {_shown(tok)} is not a non-empty string")
+        if not _unicode(tok):
+            raise _fail(where, "tokenizer.tokens", f"token {_shown(tok)} is not valid Unicode text")
         key = f"tokenizer.tokens.{tok if len(tok) <= 60 else tok[:57] + '...'}"
         if not isinstance(entry, Mapping):
             raise _fail(where, key, "must be a mapping with source and/or force")
         bad = [k for k in entry if k not in ("source", "force")]
         if bad:
-            raise _fail(where, key, f"unknown key {bad[0]!r}; valid keys: source, force")
+            raise _fail(where, key, f"unknown key {_shown(bad[0])}; valid keys: source, force")
         force = entry.get("force", False)
         if not isinstance(force, bool):
             raise _fail(where, key + ".force", f"must be true or false, got {_shown(force)}")
@@ -237,6 +262,8 @@ def _chat_template(value: Any, where: str) -> Optional[str]:
         return None
     if not isinstance(value, str):
         raise _fail(where, "chat_template", f"must be a string, got {type(value).__name__}")
+    if not _unicode(value):
+        raise _fail(where, "chat_template", "must be valid Unicode text (it has a lone surrogate)")
     if value == "auto":
         return value
     if len(value) < 256 and "\n" not in value and "{" not in value:
@@ -300,14 +327,18 @@ def parse_tokenizer_settings(raw: Mapping[str, Any], where: str) -> Optional[Tok
     valid = ("source", "tokens", "pad_to_multiple_of")
     bad = [k for k in block if k not in valid]
     if bad:
-        raise _fail(where, "tokenizer", f"unknown key {bad[0]!r}; valid keys: {', '.join(valid)}")
+        raise _fail(
+            where, "tokenizer", f"unknown key {_shown(bad[0])}; valid keys: {', '.join(valid)}"
+        )
     settings.key = "tokenizer.source"
     settings.source = _source(block.get("source", "union"), where, "tokenizer.source")
     settings.tokens = _tokens(block.get("tokens"), where)
     pad = block.get("pad_to_multiple_of")
-    if pad is not None and (type(pad) is not int or pad < 0):
+    if pad is not None and (type(pad) is not int or not 0 <= pad <= MAX_PAD_TO_MULTIPLE_OF):
         raise _fail(
-            where, "tokenizer.pad_to_multiple_of", f"must be an integer >= 1, got {_shown(pad)}"
+            where,
+            "tokenizer.pad_to_multiple_of",
+            f"must be an integer in [0, {MAX_PAD_TO_MULTIPLE_OF}] (0: none), got {_shown(pad)}",
         )
     settings.pad_to_multiple_of = pad or None  # 0: no padding, as in mergekit
     return settings
@@ -617,7 +648,7 @@ def plan_vocabulary(
     else:
         idx = find(source)
         if idx is None and not Path(source).expanduser().is_dir():
-            raise _fail(where, settings.key, f"{source!r} is not a model of this merge")
+            raise _fail(where, settings.key, f"{_shown(source)} is not a model of this merge")
         origin = paths[idx] if idx is not None else Path(source).expanduser()
         out = _load_tokenizer(origin, trust_remote_code)
     existing = set(out.get_vocab())
@@ -689,7 +720,8 @@ def _overrides(
         tid = vocab[tok]
         key = f"tokenizer.tokens.{tok if len(tok) <= 60 else tok[:57] + '...'}"
         needed = ov.force or any(int(m[tid]) < 0 for m in maps)
-        row = RowOverride(tok, ov.force, key=key)
+        label = f"{settings.where}: {key}"  # the run's messages name the file too
+        row = RowOverride(tok, ov.force, key=label)
         src = ov.source
         if src is None:
             if needed:
@@ -697,19 +729,23 @@ def _overrides(
                 why = "force is set" if ov.force else f"models {', '.join(lacking)} lack it"
                 raise _fail(settings.where, key + ".source", f"needed ({why}) but not given")
         elif isinstance(src, ZeroEmbedding):
-            row = RowOverride(tok, ov.force, "zero", key=key)
+            row = RowOverride(tok, ov.force, "zero", key=label)
         else:
             idx = find(src.model)
             if idx is None:
                 raise _fail(
-                    settings.where, key + ".source", f"{src.model!r} is not a model of this merge"
+                    settings.where,
+                    key + ".source",
+                    f"{_shown(src.model)} is not a model of this merge",
                 )
             if isinstance(src, ModelEmbedding):
                 if needed and int(maps[idx][tid]) < 0:
                     raise _fail(
-                        settings.where, key + ".source", f"{src.model!r} does not have {tok!r}"
+                        settings.where,
+                        key + ".source",
+                        f"{_shown(src.model)} does not have {_shown(tok)}",
                     )
-                row = RowOverride(tok, ov.force, "row", idx, key=key)
+                row = RowOverride(tok, ov.force, "row", idx, key=label)
             else:
                 index = src.token_id
                 if src.token is not None:
@@ -718,8 +754,10 @@ def _overrides(
                         raise _fail(
                             settings.where,
                             key + ".source.token",
-                            f"{src.model!r} does not have {src.token!r}",
+                            f"{_shown(src.model)} does not have {_shown(src.token)}",
                         )
-                row = RowOverride(tok, ov.force, "index", idx, -1 if index is None else index, key)
+                row = RowOverride(
+                    tok, ov.force, "index", idx, -1 if index is None else index, label
+                )
         out[tid] = row
     return out

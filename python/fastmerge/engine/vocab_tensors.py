@@ -470,12 +470,12 @@ def align_rows(
     if avg_ids.numel():
         shape = (-1,) + (1,) * len(rest)
         fill[pos[avg_ids]] = fill[pos[avg_ids]] / count[avg_ids].reshape(shape)
-    missing = auto & (count == 0)
-    if bool(missing.any()):
-        LOG.warning("%s: %d tokens are in no model; their rows are zero", name, int(missing.sum()))
     for tid, ov in overrides.items():
         if bool(need[tid]):
             fill[pos[tid]] = _override_row(ov, views, maps, tid, name)
+    missing = auto & (count == 0)  # warned only now: an error above is the only line
+    if bool(missing.any()):
+        LOG.warning("%s: %d tokens are in no model; their rows are zero", name, int(missing.sum()))
 
     out = []
     for i, t in enumerate(tensors):
@@ -494,18 +494,24 @@ def align_rows(
     return out
 
 
+def _token(ov: RowOverride) -> str:
+    """The override's token for a message, never long."""
+    text = repr(ov.token)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _override_row(ov: RowOverride, views: dict, maps: dict, tid: int, name: str) -> torch.Tensor:
     where = f"{ov.key}.source"
     if ov.source == "zero":
         return torch.zeros(next(iter(views.values())).shape[1:])
     if ov.source is None:
         raise ConfigError(
-            f"{where}: token {ov.token!r} is missing from some model's {name} (or force is "
+            f"{where}: token {_token(ov)} is missing from some model's {name} (or force is "
             "set), so it needs a source (a model, {kind: model_token, ...} or {kind: zero})"
         )
     if ov.model not in views:
         raise CheckpointError(
-            f"{where}: token {ov.token!r} needs the {name} of model {ov.model}, which it lacks"
+            f"{where}: token {_token(ov)} needs the {name} of model {ov.model}, which it lacks"
         )
     view = views[ov.model]
     if ov.source == "index":
@@ -517,5 +523,5 @@ def _override_row(ov: RowOverride, views: dict, maps: dict, tid: int, name: str)
         return view[ov.row]
     row = int(maps[ov.model][tid])
     if row < 0:
-        raise ConfigError(f"{where}: model {ov.model} does not have token {ov.token!r}")
+        raise ConfigError(f"{where}: model {ov.model} does not have token {_token(ov)}")
     return view[row]
