@@ -189,8 +189,11 @@ def with_layer(name: str, index: int) -> str:
 
 
 def model_config(path: Path) -> dict[str, Any]:
-    """A model directory's ``config.json`` (empty when there is none or it is unreadable)."""
-    file = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    """A model directory's ``config.json`` (empty when there is none, it is unreadable,
+    or the model is a single file: a folder's config.json may describe another model)."""
+    if not path.is_dir():
+        return {}
+    file = path / "config.json"
     try:
         data = json.loads(file.read_text())
     except (OSError, ValueError):

@@ -62,7 +62,29 @@ def resolve_models(cfg: MergeConfig, allow_pickle: bool = False) -> list[Path]:
     (downloaded when online)."""
     from .hub import resolve_model
 
-    return [resolve_model(str(ref), include_bin=allow_pickle) for ref in cfg.all_models()]
+    paths = []
+    for ref in cfg.all_models():
+        try:
+            paths.append(resolve_model(str(ref), include_bin=allow_pickle))
+        except (CheckpointError, ConfigError) as exc:
+            text = " ".join(str(exc).split())
+            text = text if len(text) <= 600 else text[:597] + "..."
+            raise type(exc)(f"{cfg.source}: {_model_key(cfg, ref)}: {text}") from None
+    return paths
+
+
+def _model_key(cfg: MergeConfig, ref: Path) -> str:
+    """Where the configuration names the model `ref` (for messages)."""
+    if cfg.base is not None and str(cfg.base) == str(ref):
+        return "base_model"
+    for i, entry in enumerate(cfg.experts):
+        if str(entry.path) == str(ref):
+            return f"models[{entry.index if entry.index is not None else i}].model"
+    for k, s in enumerate(cfg.slices or []):
+        for j, src in enumerate(s.sources):
+            if str(src.model) == str(ref):
+                return f"slices[{k}].sources[{j}].model"
+    return "model"
 
 
 def plan(config: Union[MergeConfig, PathLike], *, allow_pickle: bool = False,

@@ -101,6 +101,7 @@ def parse_pleas(raw: dict[str, Any], source: str = "config") -> MergeConfig:
         seed=seed_of(raw, source),
         raw=raw,
         module_path=Path(module_path) if module_path is not None else None,
+        source=source,
     )
 
 

@@ -55,7 +55,7 @@ from ..config import (
     tokenizer_path,
 )
 from ..output import MergeSummary, add_extra_files, open_models, output_specs, peak_rss_bytes
-from ..registry import MergeMethod, register
+from ..registry import MergeMethod, _short, register
 
 TOP_LEVEL_KEYS = (
     "merge_method",
@@ -111,6 +111,7 @@ def parse_twin(raw: dict[str, Any], source: str = "config") -> MergeConfig:
         include=params["include"],
         exclude=params["exclude"],
         raw=raw,
+        source=source,
     )
 
 
@@ -134,10 +135,13 @@ def _parameters(raw: Any, where: str) -> dict[str, Any]:
     check_keys(raw, list(PARAMETERS), where)
     params = {**PARAMETERS, **raw}
     shared = params["shared"]
-    if shared not in SHARED_METHODS:
+    if not isinstance(shared, str) or shared not in SHARED_METHODS:
         raise ConfigError(
-            f"{where}: shared {shared!r} is not supported; valid: {', '.join(SHARED_METHODS)}"
+            f"{where}: shared {_short(shared)} is not supported; valid: {', '.join(SHARED_METHODS)}"
         )
+    rank = params["rank"]
+    if isinstance(rank, int) and not isinstance(rank, bool) and not 0 < rank < 2**31:
+        raise ConfigError(f"{where}: rank must be a positive integer below 2^31 or a fraction")
     params["shared_kwargs"] = _shared_kwargs(shared, params["shared_kwargs"], where)
     try:
         check_rank(params["rank"])
@@ -145,7 +149,9 @@ def _parameters(raw: Any, where: str) -> dict[str, Any]:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
     if params["svd"] not in SVD_METHODS:
-        raise ConfigError(f"{where}: svd {params['svd']!r} is not one of {', '.join(SVD_METHODS)}")
+        raise ConfigError(
+            f"{where}: svd {_short(params['svd'])} is not one of {', '.join(SVD_METHODS)}"
+        )
     return params
 
 
