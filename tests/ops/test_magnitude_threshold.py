@@ -128,3 +128,16 @@ def test_bad_input_names_the_argument():
         fastmerge.ops.magnitude_threshold(base.int(), [torch.ones(4)], 1)
     with pytest.raises(TypeError, match=r"experts\[0\]"):
         fastmerge.ops.magnitude_threshold(base, [torch.ones(4, dtype=torch.int32)], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_large_tensor_with_a_crowded_bin(dtype):
+    """Enough entries that the selected histogram bin holds thousands of keys (the CPU
+    then counts one more radix digit before nth_element): still the exact k-th value."""
+    n = 1_000_003
+    base, experts = _inputs(n, 3, dtype, seed=11)
+    narrow = (base.double() + 1e-3 * (1 + torch.rand(n, dtype=torch.float64))).to(dtype)
+    experts = [*experts, narrow]  # magnitudes within one octave: one crowded bin
+    for k in (1, 2, n // 3, n // 2 + 1, n - 1, n):
+        got = fastmerge.ops.magnitude_threshold(base, experts, k, backend="cpu")
+        assert torch.equal(got, reference(base, experts, k)), k
