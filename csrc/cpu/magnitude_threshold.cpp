@@ -10,8 +10,10 @@
 #include "magnitude_threshold.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <functional>
+#include <limits>
 
 #include "cpu_loads.h"
 #include "fastmerge/magnitude.h"
@@ -24,6 +26,11 @@ namespace {
 constexpr int64_t kBlock = 1024;
 // Below this many input elements (base and experts) per thread a second thread does not pay.
 constexpr int64_t kMinElementsPerThread = 1 << 18;
+// The one-pass selection samples kSampleChunks chunks of kSampleChunk contiguous entries;
+// tensors smaller than kSampleMinElements take the two-pass selection directly.
+constexpr int64_t kSampleChunks = 64;
+constexpr int64_t kSampleChunk = 512;
+constexpr int64_t kSampleMinElements = 1 << 18;
 
 template <int32_t DT>
 using Compute = typename std::conditional<DT == kFloat64, double, float>::type;
@@ -130,6 +137,96 @@ __attribute__((always_inline)) inline void collect_range(
   }
 }
 
+// The one-pass path, over [i0, i1): for every expert t, above[t] += the keys > hi[t], and
+// the keys in [lo[t], hi[t]] (the band around the sampled estimate of the k-th largest)
+// are appended to band[t] (used[t] of its entries are keys). Both compares vectorize; band keys are few (a few percent), so
+// the marks are scanned 8 at a time as in collect_range.
+template <int32_t DT>
+__attribute__((always_inline)) inline void band_range(
+    const void* base, const void* const* experts, int64_t num_experts, int64_t i0, int64_t i1,
+    const typename MagnitudeKey<Compute<DT>>::type* lo,
+    const typename MagnitudeKey<Compute<DT>>::type* hi, int64_t* above,
+    std::vector<typename MagnitudeKey<Compute<DT>>::type>* band, int64_t* used) {
+  using Key = typename MagnitudeKey<Compute<DT>>::type;
+  Compute<DT> b[kBlock];
+  Key keys[kBlock];
+  alignas(8) uint8_t match[kBlock];
+  for (int64_t j0 = i0; j0 < i1; j0 += kBlock) {
+    const int64_t len = std::min(kBlock, i1 - j0);
+    const Compute<DT>* bb = base_block<DT>(base, j0, len, b);
+    for (int64_t t = 0; t < num_experts; ++t) {
+      block_keys<DT>(experts[t], j0, len, bb, keys);
+      const Key l = lo[t], h = hi[t];
+      int64_t count = 0;
+#pragma omp simd reduction(+ : count)
+      for (int64_t j = 0; j < len; ++j) {
+        count += keys[j] > h;
+        match[j] = (keys[j] >= l) & (keys[j] <= h);
+      }
+      for (int64_t j = len; j < kBlock; ++j) match[j] = 0;
+      above[t] += count;
+      // band[t] holds its keys then spare room (its size is the room); used[t] counts
+      // the keys. Room for a whole block is made before it, so the scan writes freely.
+      auto& out = band[t];
+      if (used[t] + len > static_cast<int64_t>(out.size())) out.resize(2 * out.size() + kBlock);
+      Key* dst = out.data() + used[t];
+      int64_t m = 0;
+      for (int64_t j = 0; j < len; j += 8) {
+        uint64_t word;
+        std::memcpy(&word, match + j, sizeof(word));
+        while (word != 0) {
+          dst[m++] = keys[j + (__builtin_ctzll(word) >> 3)];
+          word &= word - 1;
+        }
+      }
+      used[t] += m;
+    }
+  }
+}
+
+// The keys of [i0, i0 + len) of every expert: out[t * len + j].
+template <int32_t DT>
+__attribute__((always_inline)) inline void sample_range(
+    const void* base, const void* const* experts, int64_t num_experts, int64_t i0, int64_t len,
+    typename MagnitudeKey<Compute<DT>>::type* out) {
+  Compute<DT> b[kBlock];
+  for (int64_t j0 = i0; j0 < i0 + len; j0 += kBlock) {
+    const int64_t m = std::min(kBlock, i0 + len - j0);
+    const Compute<DT>* bb = base_block<DT>(base, j0, m, b);
+    for (int64_t t = 0; t < num_experts; ++t) {
+      block_keys<DT>(experts[t], j0, m, bb, out + t * len + (j0 - i0));
+    }
+  }
+}
+
+// The rank-th largest (1-based) of `keys`, all in [lo, hi]: a histogram of (key - lo) in
+// at most 4,096 bins first, then nth_element on the one bin that holds it. Exact.
+template <typename Key>
+Key select_in_range(std::vector<Key>& keys, int64_t rank, Key lo, Key hi) {
+  int shift = 0;
+  while (((hi - lo) >> shift) >= 4096) ++shift;
+  const int64_t bins = static_cast<int64_t>((hi - lo) >> shift) + 1;
+  if (static_cast<int64_t>(keys.size()) > 4 * bins) {
+    std::vector<uint32_t> count(bins, 0);
+    for (const Key k : keys) ++count[(k - lo) >> shift];
+    int64_t above = 0, bin = bins - 1;
+    for (; bin > 0; --bin) {
+      if (above + count[bin] >= rank) break;
+      above += count[bin];
+    }
+    std::vector<Key> in_bin;
+    in_bin.reserve(count[bin]);
+    for (const Key k : keys) {
+      if (static_cast<int64_t>((k - lo) >> shift) == bin) in_bin.push_back(k);
+    }
+    keys.swap(in_bin);
+    rank -= above;
+  }
+  auto nth = keys.begin() + (rank - 1);
+  std::nth_element(keys.begin(), nth, keys.end(), std::greater<Key>());
+  return *nth;
+}
+
 // The rank-th largest (1-based) of `keys`, which all agree above bit `shift`: one more
 // radix digit (kSubBits bits below `shift`) is counted first, so that nth_element only
 // sorts out the keys of the one sub-bin that holds the answer (for real weights a few
@@ -165,6 +262,16 @@ using HistogramFn = void (*)(const void*, const void* const*, int64_t, int64_t, 
                              uint32_t*);
 using CollectFn = void (*)(const void*, const void* const*, int64_t, int64_t, int64_t,
                            const int64_t*, void* const*);
+using BandFn = void (*)(const void*, const void* const*, int64_t, int64_t, int64_t, const void*,
+                        const void*, int64_t*, void*, int64_t*);
+using SampleFn = void (*)(const void*, const void* const*, int64_t, int64_t, int64_t, void*);
+
+struct Kernels {
+  HistogramFn histogram;
+  CollectFn collect;
+  BandFn band;
+  SampleFn sample;
+};
 
 #define FM_THRESHOLD_CLONES(SUFFIX, DT)                                                      \
   FM_CPU_CLONES void histogram_##SUFFIX(const void* base, const void* const* experts,       \
@@ -176,6 +283,19 @@ using CollectFn = void (*)(const void*, const void* const*, int64_t, int64_t, in
                                       void* const* dest) {                                   \
     using Key = typename MagnitudeKey<Compute<DT>>::type;                                    \
     collect_range<DT>(base, experts, t, i0, i1, bin, reinterpret_cast<Key* const*>(dest));   \
+  }                                                                                          \
+  FM_CPU_CLONES void band_##SUFFIX(const void* base, const void* const* experts, int64_t t,  \
+                                   int64_t i0, int64_t i1, const void* lo, const void* hi,   \
+                                   int64_t* above, void* band, int64_t* used) {              \
+    using Key = typename MagnitudeKey<Compute<DT>>::type;                                    \
+    band_range<DT>(base, experts, t, i0, i1, static_cast<const Key*>(lo),                    \
+                   static_cast<const Key*>(hi), above, static_cast<std::vector<Key>*>(band), \
+                   used);                                                                    \
+  }                                                                                          \
+  FM_CPU_CLONES void sample_##SUFFIX(const void* base, const void* const* experts,          \
+                                     int64_t t, int64_t i0, int64_t len, void* out) {        \
+    using Key = typename MagnitudeKey<Compute<DT>>::type;                                    \
+    sample_range<DT>(base, experts, t, i0, len, static_cast<Key*>(out));                     \
   }
 FM_THRESHOLD_CLONES(f16, kFloat16)
 FM_THRESHOLD_CLONES(bf16, kBFloat16)
@@ -203,14 +323,102 @@ void run_parts(int64_t parts, const std::function<void(int)>& body) {
   }
 }
 
+// The one-pass selection: a sample of contiguous chunks estimates each expert's k-th
+// largest key and a band around it wide enough to hold it unless the sample misleads;
+// one pass counts the keys above the band and gathers the band's keys. When the count
+// shows the k-th largest inside the band (nearly always), it is selected among the band's
+// keys and out[t] is set; returns false (nothing set) for an expert where it is not, and
+// the caller falls back to the exact two-pass histogram selection. Exact either way.
+template <typename C>
+bool select_by_band(const void* base, const std::vector<const void*>& experts, int64_t n,
+                    int64_t k, const Kernels& fn, const std::vector<int64_t>& cuts, C* out) {
+  using K = MagnitudeKey<C>;
+  using Key = typename K::type;
+  const int64_t num_experts = static_cast<int64_t>(experts.size());
+  const int64_t parts = static_cast<int64_t>(cuts.size()) - 1;
+  const int64_t sample = kSampleChunks * kSampleChunk;
+  std::vector<Key> keys(static_cast<size_t>(num_experts * sample));
+  std::vector<Key> chunk(static_cast<size_t>(num_experts * kSampleChunk));
+  for (int64_t c = 0; c < kSampleChunks; ++c) {
+    const int64_t i0 = (n - kSampleChunk) * c / (kSampleChunks - 1);
+    fn.sample(base, experts.data(), num_experts, i0, kSampleChunk, chunk.data());
+    for (int64_t t = 0; t < num_experts; ++t) {
+      std::copy(chunk.begin() + t * kSampleChunk, chunk.begin() + (t + 1) * kSampleChunk,
+                keys.begin() + t * sample + c * kSampleChunk);
+    }
+  }
+  // Band in sample ranks: the estimate +- 6 binomial standard deviations, + 0.4% of the
+  // sample (chunks are not independent draws), + 16.
+  const double p = static_cast<double>(k) / static_cast<double>(n);
+  const int64_t r = std::clamp<int64_t>(std::llround(p * sample), 1, sample);
+  const int64_t delta = static_cast<int64_t>(6.0 * std::sqrt(sample * p * (1.0 - p))) +
+                        sample / 256 + 16;
+  std::vector<Key> lo(num_experts), hi(num_experts);
+  for (int64_t t = 0; t < num_experts; ++t) {
+    auto first = keys.begin() + t * sample, last = first + sample;
+    hi[t] = std::numeric_limits<Key>::max();
+    lo[t] = Key(0);
+    if (r - delta >= 1) {
+      std::nth_element(first, first + (r - delta - 1), last, std::greater<Key>());
+      hi[t] = first[r - delta - 1];
+    }
+    if (r + delta <= sample) {
+      std::nth_element(first, first + (r + delta - 1), last, std::greater<Key>());
+      lo[t] = first[r + delta - 1];
+    }
+  }
+  std::vector<int64_t> above(static_cast<size_t>(parts * num_experts), 0);
+  std::vector<int64_t> used(static_cast<size_t>(parts * num_experts), 0);
+  std::vector<std::vector<Key>> band(static_cast<size_t>(parts * num_experts));
+  const double band_share = std::min(1.0, (2.0 * delta + 1.0) / sample);
+  for (auto& b : band) b.resize(static_cast<size_t>(1.25 * band_share * (n / parts)) + kBlock);
+  run_parts(parts, [&](int q) {
+    fn.band(base, experts.data(), num_experts, cuts[q], cuts[q + 1], lo.data(), hi.data(),
+            above.data() + q * num_experts, band.data() + q * num_experts,
+            used.data() + q * num_experts);
+  });
+  std::vector<int64_t> rank(num_experts, -1);
+  std::vector<std::vector<Key>> merged(num_experts);
+  bool all = true;
+  for (int64_t t = 0; t < num_experts; ++t) {
+    int64_t count_above = 0, count_band = 0;
+    for (int64_t q = 0; q < parts; ++q) {
+      count_above += above[q * num_experts + t];
+      count_band += used[q * num_experts + t];
+    }
+    if (count_above < k && k <= count_above + count_band) {
+      rank[t] = k - count_above;
+      merged[t].reserve(count_band);
+      for (int64_t q = 0; q < parts; ++q) {
+        auto& b = band[q * num_experts + t];
+        merged[t].insert(merged[t].end(), b.begin(), b.begin() + used[q * num_experts + t]);
+        std::vector<Key>().swap(b);
+      }
+    } else {
+      all = false;
+    }
+  }
+  if (!all) return false;
+  const int64_t workers = std::min<int64_t>(num_experts, get_num_threads());
+  run_parts(workers, [&](int w) {
+    for (int64_t t = w; t < num_experts; t += workers) {
+      out[t] = K::value(select_in_range(merged[t], rank[t], lo[t], hi[t]));
+    }
+  });
+  return true;
+}
+
 template <typename C>
 void select_thresholds(const void* base, const std::vector<const void*>& experts, int64_t n,
-                       int64_t k, HistogramFn histogram, CollectFn collect, C* out) {
+                       int64_t k, const Kernels& fn, C* out) {
   using K = MagnitudeKey<C>;
   using Key = typename K::type;
   const int64_t num_experts = static_cast<int64_t>(experts.size());
   const std::vector<int64_t> cuts = cut_points(n, num_experts);
   const int64_t parts = static_cast<int64_t>(cuts.size()) - 1;
+  if (n >= kSampleMinElements && select_by_band(base, experts, n, k, fn, cuts, out)) return;
+  const HistogramFn histogram = fn.histogram;
+  const CollectFn collect = fn.collect;
   const int64_t stride = num_experts * K::kBins;
   std::vector<uint32_t> hist(static_cast<size_t>(parts * stride), 0);
   run_parts(parts, [&](int p) {
@@ -262,17 +470,23 @@ void magnitude_threshold(const void* base, const std::vector<const void*>& exper
   if (experts.empty() || n <= 0 || k < 1 || k > n) return;
   switch (dtype) {
     case kFloat16:
-      select_thresholds(base, experts, n, k, histogram_f16, collect_f16, static_cast<float*>(out));
+      select_thresholds(base, experts, n, k,
+                        Kernels{histogram_f16, collect_f16, band_f16, sample_f16},
+                        static_cast<float*>(out));
       break;
     case kBFloat16:
-      select_thresholds(base, experts, n, k, histogram_bf16, collect_bf16,
+      select_thresholds(base, experts, n, k,
+                        Kernels{histogram_bf16, collect_bf16, band_bf16, sample_bf16},
                         static_cast<float*>(out));
       break;
     case kFloat32:
-      select_thresholds(base, experts, n, k, histogram_f32, collect_f32, static_cast<float*>(out));
+      select_thresholds(base, experts, n, k,
+                        Kernels{histogram_f32, collect_f32, band_f32, sample_f32},
+                        static_cast<float*>(out));
       break;
     default:
-      select_thresholds(base, experts, n, k, histogram_f64, collect_f64,
+      select_thresholds(base, experts, n, k,
+                        Kernels{histogram_f64, collect_f64, band_f64, sample_f64},
                         static_cast<double*>(out));
       break;
   }

@@ -141,3 +141,32 @@ def test_cpu_large_tensor_with_a_crowded_bin(dtype):
     for k in (1, 2, n // 3, n // 2 + 1, n - 1, n):
         got = fastmerge.ops.magnitude_threshold(base, experts, k, backend="cpu")
         assert torch.equal(got, reference(base, experts, k)), k
+
+
+def test_cpu_exact_when_the_sample_misleads():
+    """The CPU kernel estimates the k-th largest from 64 evenly spaced chunks of 512
+    entries and selects in a band around the estimate; here the sampled chunks hold tiny
+    deltas and the rest large ones, so the band misses and the exact two-pass selection
+    must take over: the answer is the same."""
+    n = 1 << 20
+    g = torch.Generator().manual_seed(12)
+    base = torch.zeros(n)
+    delta = 1.0 + torch.rand(n, generator=g)
+    for c in range(64):
+        i0 = (n - 512) * c // 63
+        delta[i0 : i0 + 512] = 1e-3 * torch.rand(512, generator=g)
+    experts = [base + delta, base - 2 * delta]
+    for k in (1, 1000, n // 3, n - 5000, n):
+        got = fastmerge.ops.magnitude_threshold(base, experts, k, backend="cpu")
+        assert torch.equal(got, reference(base, experts, k)), k
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tied", [False, True])
+def test_cpu_one_pass_selection_of_large_tensors(dtype, tied):
+    """Tensors of 2^18 entries or more take the CPU's sampled one-pass selection."""
+    n = 300_007
+    base, experts = _inputs(n, 3, dtype, seed=13, tied=tied)
+    for k in (1, 7, n // 10, (3 * n) // 10, n // 2, n - 1, n):
+        got = fastmerge.ops.magnitude_threshold(base, experts, k, backend="cpu")
+        assert torch.equal(got, reference(base, experts, k)), (k, got, reference(base, experts, k))
