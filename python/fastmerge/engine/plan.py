@@ -220,12 +220,20 @@ class _Planner:
         self.selected = key_selector(cfg.include, cfg.exclude)
         self.tasks: list[TensorTask] = []
         self._vocab_names: Optional[set[str]] = None
+        self._indices: dict[str, int] = {}
 
     def index(self, ref: Path) -> int:
-        for j, p in enumerate(self.cfg.all_models()):
-            if same_model(p, ref):
-                return j
-        raise ConfigError(f"{self.cfg.source}: model {ref} is not in the configuration")
+        """The position of model `ref` in ``cfg.all_models()`` (memoized: every tensor
+        asks, and comparing paths resolves them)."""
+        key = str(ref)
+        if key not in self._indices:
+            found = next(
+                (j for j, p in enumerate(self.cfg.all_models()) if same_model(p, ref)), None
+            )
+            if found is None:
+                raise ConfigError(f"{self.cfg.source}: model {ref} is not in the configuration")
+            self._indices[key] = found
+        return self._indices[key]
 
     # ---- slices ---------------------------------------------------------------------
     def output_slices(self) -> list[OutputSlice]:
@@ -250,8 +258,9 @@ class _Planner:
         base = s.base_model if s.base_model is not None else self.cfg.base
         if base is None or self.method.base == "ignored":
             return None
+        want = self.index(base)
         for j, src in enumerate(s.sources):
-            if same_model(src.model, base):
+            if self.index(src.model) == want:
                 return j
         raise ConfigError(
             f"{self.cfg.source}: the base model {base} is not among the sources of a slice "
@@ -401,9 +410,10 @@ class _Planner:
 
     def model_label(self, ref: Path) -> str:
         """Where a model's own settings are in the YAML (its index in ``models``)."""
-        if self.cfg.base is not None and same_model(ref, self.cfg.base):
+        j = self.index(ref)
+        if self.cfg.base is not None and j == self.index(self.cfg.base):
             return self.cfg.base_label
-        i, e = next((i, e) for i, e in enumerate(self.cfg.experts) if same_model(e.path, ref))
+        i, e = next((i, e) for i, e in enumerate(self.cfg.experts) if self.index(e.path) == j)
         return f"models[{e.index if e.index is not None else i}]"
 
     def value(self, p: Parameter, scopes, tensor_name: str, task: TensorTask,
