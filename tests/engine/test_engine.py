@@ -363,3 +363,28 @@ def test_output_that_is_an_input_is_refused(three, capsys):
         code, _, err = cli(["merge", cfg, "--out", out, "--overwrite"], capsys)
         assert code == 2 and "is (or holds) the input model" in err, err
     assert torch.equal(output(tmp / "a")["model.norm.weight"], m["a"]["model.norm.weight"])
+
+
+def test_tokenizer_source_that_does_not_exist(three, capsys):
+    tmp, _ = three
+    cfg = write(tmp, {"merge_method": "linear", "models": [str(tmp / "a"), str(tmp / "b")],
+                      "tokenizer_source": "/nonexistent/tokenizer"})  # fmt: skip
+    code, _, err = cli(["merge", cfg, "--out", tmp / "out"], capsys)
+    assert code == 2 and "tokenizer_source: '/nonexistent/tokenizer' is neither" in err, err
+
+
+@pytest.mark.parametrize("size", ["inf", "1e400", "nan", "-5", "0", "lots"])
+def test_bad_shard_size_is_one_line(three, capsys, size):
+    tmp, _ = three
+    cfg = write(tmp, {"merge_method": "linear", "models": [str(tmp / "a"), str(tmp / "b")]})
+    code, _, err = cli(["merge", cfg, "--out", tmp / "out", "--shard-size", size], capsys)
+    assert code == 2 and "--shard-size" in err and err.count("\n") == 1, err
+
+
+def test_python_dash_m_fastmerge(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fastmerge", "merge", "--list-methods"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0 and "| `linear` |" in done.stdout, done.stderr

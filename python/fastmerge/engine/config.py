@@ -480,10 +480,28 @@ def parse_config(raw: Any, source: str = "config") -> MergeConfig:
         from .tokenizer import parse_tokenizer_settings  # imports transformers: only when needed
 
         cfg.tokenizer = parse_tokenizer_settings(raw, source)
+        _check_tokenizer_source(cfg)
     tok = raw.get("tokenizer_source")
     if isinstance(tok, str) and tok not in ("base", "union"):
         cfg.tokenizer_source = model_reference(tok, f"{source}: tokenizer_source")
     return cfg
+
+
+def _check_tokenizer_source(cfg: MergeConfig) -> None:
+    """A tokenizer source that is a path must be a model of the merge or an existing
+    directory (a hub id is resolved later); caught here, before any model is read."""
+    settings = cfg.tokenizer
+    value = getattr(settings, "source", None)
+    if not isinstance(value, str) or value in ("base", "union"):
+        return
+    if any(same_model(value, m) for m in cfg.all_models()):
+        return
+    looks_local = value.startswith(("/", "./", "../", "~")) or value.count("/") > 1
+    if looks_local and not Path(value).expanduser().is_dir():
+        raise ConfigError(
+            f"{cfg.source}: {getattr(settings, 'key', 'tokenizer_source')}: {value[:200]!r} is "
+            "neither a model of this merge nor an existing directory"
+        )
 
 
 def _slices(raw: Any, method: MergeMethod, source: str) -> list[OutputSlice]:
