@@ -481,9 +481,6 @@ def parse_config(raw: Any, source: str = "config") -> MergeConfig:
 
         cfg.tokenizer = parse_tokenizer_settings(raw, source)
         _check_tokenizer_source(cfg)
-    tok = raw.get("tokenizer_source")
-    if isinstance(tok, str) and tok not in ("base", "union"):
-        cfg.tokenizer_source = model_reference(tok, f"{source}: tokenizer_source")
     return cfg
 
 

@@ -155,10 +155,10 @@ def updated_config_json(path: Path, updates: Mapping[str, Any],
     return (json.dumps(config, indent=2) + "\n").encode()
 
 
-def config_updates(dtype: Optional[torch.dtype], num_layers: Optional[int] = None,
-                   vocab_size: Optional[int] = None) -> dict[str, Any]:  # fmt: skip
-    """The config.json keys an output changes: its dtype, its layer count (slices), its
-    vocabulary size (a built tokenizer).
+def config_updates(dtype: Optional[torch.dtype], num_layers: Optional[int] = None
+                   ) -> dict[str, Any]:  # fmt: skip
+    """The config.json keys an output changes: its dtype and its layer count (slices); the
+    vocabulary size is the vocabulary plan's (``VocabularyPlan.update_config``).
 
     Example:
         >>> config_updates(torch.bfloat16, num_layers=6)["num_hidden_layers"]
@@ -169,8 +169,6 @@ def config_updates(dtype: Optional[torch.dtype], num_layers: Optional[int] = Non
         updates.update(torch_dtype=dtype, dtype=dtype)
     if num_layers is not None:
         updates.update(num_hidden_layers=num_layers, n_layer=num_layers, num_layers=num_layers)
-    if vocab_size is not None:
-        updates.update(vocab_size=vocab_size)
     return updates
 
 

@@ -44,7 +44,6 @@ from ..io.writer import check_output_dir
 from .config import MergeConfig, load_config
 from .errors import ConfigError
 from .output import (
-    TOKENIZER_FILES,
     MergeSummary,
     add_extra_files,
     config_updates,
@@ -465,28 +464,19 @@ def _execute(merge_plan: MergePlan, out_dir: PathLike, start: float, *, device: 
 
 def _add_files(writer: ShardedWriter, merge_plan: MergePlan, write_model_card: bool) -> None:
     """config.json (dtype, layers, vocabulary updated) and the other files of the template
-    model; the tokenizer (built, or copied from ``tokenizer_source``); the model card."""
+    model; the tokenizer (written by the vocabulary plan whenever the configuration has a
+    tokenizer setting, else the template's files); the model card."""
     cfg = merge_plan.config
     template = merge_plan.models[merge_plan.template]
     vocab = merge_plan.vocabulary
-    own_tokenizer = vocab is not None or cfg.tokenizer_source is not None
     updates = config_updates(cfg.output_dtype, merge_plan.num_layers)
     add_extra_files(writer, cfg, source=template, updates=updates,
                     transform=vocab.update_config if vocab is not None else None,
-                    tokenizer_files=not own_tokenizer)  # fmt: skip
+                    tokenizer_files=vocab is None)  # fmt: skip
     if vocab is not None:
         with tempfile.TemporaryDirectory(prefix="fastmerge-tokenizer-") as tmp:
             for f in vocab.save(Path(tmp)):
                 writer.add_file(f.name, f.read_bytes())
-    elif cfg.tokenizer_source is not None:
-        from .hub import resolve_model
-
-        source = resolve_model(str(cfg.tokenizer_source), require_weights=False)
-        files = [source / n for n in TOKENIZER_FILES if (source / n).is_file()]
-        if not files:
-            raise CheckpointError(f"{source}: tokenizer_source has no tokenizer files")
-        for f in files:
-            writer.add_file(f.name, f)
     if write_model_card:
         from .card import model_card
 
