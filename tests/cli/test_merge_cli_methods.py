@@ -212,7 +212,7 @@ def test_twin_parse_config():
     assert cfg.method == "twin" and [e.name for e in cfg.experts] == ["task0", "task1"]
     assert cfg.shared["rank"] == 3 and cfg.all_models()[0].name == "b"
     with pytest.raises(ConfigError, match="valid: .*linear.*pleas.*twin"):
-        parse_config({"merge_method": "slerp", "models": ["x"]})
+        parse_config({"merge_method": "model_soup_v9", "models": ["x"]})
 
 
 # ----------------------------------------------------------------------------------- pleas

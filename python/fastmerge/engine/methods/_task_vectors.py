@@ -1,74 +1,280 @@
 """What the task-vector methods share: their parameters and the per-tensor step.
 
-``task_arithmetic``, ``ties``, ``dare_ties`` and ``dare_linear`` are one computation with
-different switches (mergekit's generalized task arithmetic): per tensor, with
-τ_i = θ_i − base for every non-base model, trim each τ_i to its ``density`` (by magnitude
-for TIES, at random for DARE), weight it by ``weight``, elect a sign per entry and keep the
-agreeing deltas (TIES and DARE-TIES), sum, divide by the sum of the counted weights when
-``normalize``, and add ``lambda`` times the result to the base. The step is
-:class:`fastmerge.merge.TensorMerge` (fused threshold-selection and TIES kernels).
+``task_arithmetic``, ``ties``, ``dare_*``, ``breadcrumbs*`` and ``della*`` are one
+computation with different switches (mergekit's generalized task arithmetic). Per tensor,
+with τ_i = θ_i − base for every non-base model:
+
+1. **sparsify** each τ_i to its ``density``: by magnitude (TIES: the ``max(1, int(d·n))``
+   largest |τ|), a band of magnitudes (breadcrumbs: drop the ``int(γ·n)`` largest and the
+   smallest), at random (DARE: keep with probability d), or at random with a per-row
+   rank-dependent probability (DELLA);
+2. with ``rescale``, multiply the kept entries by ``‖τ_i‖₁ / ‖kept τ_i‖₁`` (mergekit's
+   rule, the default; skipped when either is below 1e-7) or, with
+   ``rescale_rule: density``, by ``1 / d`` (the DARE paper's rule);
+3. weight by ``weight``; with a sign consensus (TIES-like methods) elect the sign of the
+   weighted sum per entry (``sum >= 0`` is positive: mergekit's rule, the default;
+   ``zero_sum: drop`` keeps nothing where the sum is exactly 0, the TIES paper's
+   ``sgn(0) = 0``) and keep the agreeing deltas;
+4. sum; with ``normalize`` divide by the sum of the counted weights (where that is 0: by 1);
+5. add ``lambda`` times the result to the base.
+
+The thresholds come from :func:`fastmerge.ops.magnitude_threshold` (exact radix
+selection; every entry tied with the threshold is kept, where mergekit keeps exactly k
+and breaks ties by its sort order), the per-entry step from
+:func:`fastmerge.ops.gta_combine` (one fused pass).
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+import hashlib
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from ...merge import TensorMerge
+import torch
+
+from ... import ops
 from ..registry import MergeMethod, Parameter
 
+SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
+RESCALE_RULES = ("l1", "density")
+ZERO_SUM_RULES = ("positive", "drop")
+#: mergekit skips the L1 rescale when either norm is below this.
+RESCALE_EPS = 1e-7
 
-def parameters(normalize: bool, rescale: bool) -> tuple[Parameter, ...]:
-    """The parameters every task-vector method takes, with its own defaults."""
-    return (
+
+def parameters(normalize: bool, rescale: bool, sparsify: Optional[str] = None,
+               consensus: bool = False) -> tuple[Parameter, ...]:  # fmt: skip
+    """The parameters of a task-vector method with these defaults and switches."""
+    params = [
         Parameter("weight", float, "non_base", 1.0, doc="the model's weight"),
-        Parameter(
-            "density",
-            float,
-            "non_base",
-            1.0,
-            low=0.0,
-            high=1.0,
-            low_open=True,
-            doc="fraction of the delta kept",
-        ),  # fmt: skip
+        Parameter("density", float, "non_base", 1.0, low=0.0, high=1.0, low_open=True,
+                  doc="fraction of the delta kept"),  # fmt: skip
         Parameter("normalize", bool, "global", normalize, doc="divide by the counted weights"),
         Parameter("lambda", float, "global", 1.0, doc="factor of the merged delta"),
-        Parameter("rescale", bool, "global", rescale, doc="rescale kept deltas (DARE)"),
+        Parameter("rescale", bool, "global", rescale, doc="rescale the kept deltas"),
+        Parameter("rescale_rule", str, "global", "l1",
+                  doc="l1 (mergekit: keep the L1 norm) or density (DARE paper: 1/density)"),
         Parameter("int8_mask", bool, "global", False, doc="accepted; no effect in fastmerge"),
-    )
+    ]  # fmt: skip
+    if sparsify == "magnitude_outliers":
+        params.append(Parameter("gamma", float, "non_base", 0.01, low=0.0, high=1.0,
+                                doc="fraction of the largest deltas dropped"))  # fmt: skip
+    if sparsify == "della_magprune":
+        params.append(Parameter("epsilon", float, "non_base", 0.15, low=0.0, high=1.0,
+                                doc="spread of the keep probabilities around density"))  # fmt: skip
+    if consensus:
+        params.append(Parameter("zero_sum", str, "global", "positive",
+                                doc="sign where the weighted sum is 0: positive (mergekit) "
+                                "or drop (TIES paper)"))  # fmt: skip
+    return tuple(params)
 
 
-@lru_cache(maxsize=256)
-def _merger(key: tuple) -> TensorMerge:
-    trim, consensus, weights, densities, normalize, scale, seed = key
-    return TensorMerge(
-        len(weights),
-        weights=list(weights),
-        densities=list(densities),
-        trim=trim,
-        consensus=consensus,
-        normalize=normalize,
-        scale=scale,
-        keep_rounding="floor",  # the top int(density * n) entries, as mergekit keeps
-        seed=seed,
-    )
+@dataclass
+class Selection:
+    """Per expert: the kept band ``lower <= |τ| <= upper``, the rescale factor, and for
+    the random sparsifiers an explicit mask or a keep probability."""
+
+    lower: list[float]
+    upper: list[float]
+    scales: list[float]
+    masks: Optional[list[Optional[torch.Tensor]]] = None
 
 
-def tensor_merge(task, trim: Optional[str], consensus: bool) -> TensorMerge:
-    """The :class:`~fastmerge.merge.TensorMerge` of one task's resolved parameters."""
-    experts = [p for j, p in enumerate(task.per_input) if j != task.base_index]
-    return _merger((
-        trim, consensus, tuple(p["weight"] for p in experts),
-        tuple(p["density"] for p in experts), task.shared["normalize"],
-        task.shared["lambda"], task.seed,
-    ))  # fmt: skip
+def _experts(task) -> list[dict[str, Any]]:
+    return [p for j, p in enumerate(task.per_input) if j != task.base_index]
 
 
-def method(name: str, description: str, reference: str, *, trim: Optional[str],
+def _kth_largest(base: torch.Tensor, experts: list[torch.Tensor], ks: list[int]) -> list[float]:
+    """``|experts[t] - base|``'s ks[t]-th largest value, one selection pass per distinct k."""
+    out: list[float] = [0.0] * len(experts)
+    for k in dict.fromkeys(ks):
+        group = [t for t in range(len(experts)) if ks[t] == k]
+        values = ops.magnitude_threshold(base, [experts[t] for t in group], k)
+        for t, v in zip(group, values.tolist()):
+            out[t] = v
+    return out
+
+
+def mask_seed(seed: int, key: str, expert: int) -> int:
+    """A 63-bit generator seed from (seed, tensor name, expert index), stable across runs.
+
+    Example:
+        >>> mask_seed(0, "w", 1) == mask_seed(0, "w", 1) != mask_seed(0, "w", 2)
+        True
+    """
+    digest = hashlib.blake2b(f"{int(seed)}\0{expert}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _uniform(shape, seed: int, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=gen).to(device)
+
+
+def _della_mask(tau: torch.Tensor, density: float, epsilon: float, seed: int) -> torch.Tensor:
+    """DELLA's MAGPRUNE mask: per row (dim 1 of a 2-D view; a 1-D tensor is one row), the
+    entry of ascending magnitude rank r of C is kept with probability
+    ``density - ε + 2ε (r - 1) / (C - 1)``."""
+    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], tau.shape[1], -1)
+    if rows.dim() == 3:  # mergekit ranks along dim 1 of the original tensor
+        rows = rows.transpose(1, 2).reshape(-1, tau.shape[1])
+    width = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(width, device=rows.device).expand_as(order))
+    rank_norm = ranks.to(torch.float32) / max(width - 1, 1)
+    probs = (density - epsilon) + rank_norm * (2 * epsilon)
+    keep = _uniform(rows.shape, seed, rows.device) < probs
+    if tau.dim() > 2:
+        keep = keep.reshape(tau.shape[0], -1, tau.shape[1]).transpose(1, 2)
+    return keep.reshape(tau.shape)
+
+
+def select(task, base: torch.Tensor, experts, sparsify: Optional[str]) -> Selection:
+    """The whole-tensor part of the merge of one tensor: thresholds, masks, rescales.
+
+    `experts` may be an iterator (read one expert at a time, for row-block merges); a list
+    of magnitude-trimmed experts is selected in one pass per distinct density."""
+    params = _experts(task)
+    n = base.numel()
+    if sparsify == "magnitude" and isinstance(experts, list) and not task.shared["rescale"]:
+        ks = [max(1, int(p["density"] * n)) if p["density"] < 1.0 and n else 0 for p in params]
+        sparse = [t for t in range(len(experts)) if ks[t]]
+        lower = [0.0] * len(experts)
+        found = _kth_largest(base, [experts[t] for t in sparse], [ks[t] for t in sparse])
+        for t, v in zip(sparse, found):
+            lower[t] = v
+        count = len(experts)
+        return Selection(lower, [float("inf")] * count, [1.0] * count)
+    out = Selection([], [], [], [] if sparsify in ("random", "della_magprune") else None)
+    for t, expert in enumerate(experts):
+        lower, upper, scale, mask = _select_one(task, t, params[t], base, expert, sparsify)
+        out.lower.append(lower)
+        out.upper.append(upper)
+        out.scales.append(scale)
+        if out.masks is not None:
+            out.masks.append(mask)
+    return out
+
+
+def _select_one(task, t: int, p: dict, base: torch.Tensor, expert: torch.Tensor,
+                sparsify: Optional[str]):  # fmt: skip
+    """(lower, upper, scale, mask) of expert t."""
+    n = base.numel()
+    lower, upper, mask = 0.0, float("inf"), None
+    if sparsify is None or p["density"] >= 1.0 or n == 0:
+        return lower, upper, 1.0, None
+    d = p["density"]
+    if sparsify == "magnitude":
+        lower = _kth_largest(base, [expert], [max(1, int(d * n))])[0]
+    elif sparsify == "magnitude_outliers":
+        target, top = int(d * n), int(p["gamma"] * n)
+        bottom = max(0, n - target - top)
+        if target == 0:
+            lower, upper = float("inf"), -1.0  # keeps nothing
+        else:
+            upper, lower = _kth_largest(
+                base, [expert, expert], [n - bottom - target + 1, n - bottom]
+            )
+    else:
+        seed = mask_seed(task.seed, task.name, t)
+        tau = expert - base
+        if sparsify == "random":
+            mask = _uniform(tau.shape, seed, tau.device) < d
+        else:
+            mask = _della_mask(tau, d, p["epsilon"], seed)
+    scale = 1.0
+    if task.shared["rescale"]:
+        if task.shared["rescale_rule"] == "density":
+            scale = 1.0 / d
+        else:
+            magnitude = (expert - base).abs()
+            kept = _kept(magnitude, lower, upper, mask)
+            before = magnitude.sum(dtype=torch.float64).item()
+            after = torch.where(kept, magnitude, 0).sum(dtype=torch.float64).item()
+            if before >= RESCALE_EPS and after >= RESCALE_EPS:
+                scale = before / after
+    return lower, upper, scale, mask
+
+
+def _kept(magnitude: torch.Tensor, lower: float, upper: float,
+          mask: Optional[torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    kept = (magnitude >= lower) & (magnitude <= upper)
+    return kept if mask is None else kept & mask
+
+
+def combine(task, base: torch.Tensor, experts: list[torch.Tensor], selection: Selection,
+            consensus: bool) -> torch.Tensor:  # fmt: skip
+    """Steps 3-5 of the module doc for one tensor (or the same rows of every input)."""
+    weights = [p["weight"] for p in _experts(task)]
+    zero_sum = task.shared.get("zero_sum", "positive")
+    if selection.masks is None and hasattr(ops, "gta_combine"):
+        return ops.gta_combine(
+            base, experts, weights, lower=selection.lower, upper=selection.upper,
+            scales=selection.scales, consensus=consensus, zero_sum=zero_sum,
+            normalize=task.shared["normalize"], lam=task.shared["lambda"],
+        )  # fmt: skip
+    deltas = []
+    for t, e in enumerate(experts):
+        tau = e - base
+        mask = selection.masks[t] if selection.masks is not None else None
+        if selection.masks is None:
+            mask = _kept(tau.abs(), selection.lower[t], selection.upper[t], None)
+        if mask is not None:
+            tau = torch.where(mask, tau * selection.scales[t], 0)
+        deltas.append(tau * weights[t])
+    return masked_mix(task, base, deltas, weights, consensus, zero_sum)
+
+
+def masked_mix(task, base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
+               consensus: bool, zero_sum: str) -> torch.Tensor:  # fmt: skip
+    """Steps 3-5 on weighted deltas already masked (the random sparsifiers' path)."""
+    mixed = torch.stack(deltas).sum(0) if len(deltas) > 1 else deltas[0].clone()
+    if consensus:
+        positive = mixed >= 0 if zero_sum == "positive" else mixed > 0
+        negative = mixed < 0
+        divisor = torch.zeros_like(mixed)
+        out = torch.zeros_like(mixed)
+        for w, d in zip(weights, deltas):
+            agrees = torch.where(positive, d > 0, negative & (d < 0))
+            out += torch.where(agrees, d, 0)
+            divisor += agrees.to(mixed.dtype) * w
+        mixed = out
+        divisor = torch.where(divisor == 0, 1, divisor)
+    else:
+        total = sum(weights)
+        divisor = 1.0 if abs(total) < 1e-8 else total
+    if task.shared["normalize"]:
+        mixed = mixed / divisor
+    return base + task.shared["lambda"] * mixed
+
+
+def check_common(task) -> Optional[str]:
+    """The checks every task-vector method makes of its resolved parameters."""
+    rule = task.shared.get("rescale_rule", "l1")
+    if rule not in RESCALE_RULES:
+        return f"rescale_rule must be one of {', '.join(RESCALE_RULES)}, got {rule!r}"
+    zero_sum = task.shared.get("zero_sum", "positive")
+    if zero_sum not in ZERO_SUM_RULES:
+        return f"zero_sum must be one of {', '.join(ZERO_SUM_RULES)}, got {zero_sum!r}"
+    for j, p in enumerate(task.per_input):
+        if j == task.base_index or "epsilon" not in p or p["density"] >= 1.0:
+            continue
+        d, e = p["density"], p["epsilon"]
+        if not (0.0 < d - e and d + e < 1.0):
+            return (
+                f"epsilon {e:g} with density {d:g} makes a keep probability leave (0, 1) "
+                f"(density - epsilon and density + epsilon must be in (0, 1)) for input {j}"
+            )
+    return None
+
+
+def method(name: str, description: str, reference: str, *, sparsify: Optional[str],
            consensus: bool, normalize: bool, rescale: bool,
            check: Optional[Callable[[Any], Optional[str]]] = None) -> MergeMethod:  # fmt: skip
     """A task-vector :class:`~fastmerge.engine.registry.MergeMethod` with these switches."""
+    if sparsify not in SPARSIFIERS:
+        raise ValueError(f"sparsify must be one of {SPARSIFIERS}, got {sparsify!r}")
 
     def split(task, tensors):
         base = tensors[task.base_index]
@@ -76,20 +282,25 @@ def method(name: str, description: str, reference: str, *, trim: Optional[str],
 
     def merge(task, tensors, statistics=None):
         base, experts = split(task, tensors)
-        return tensor_merge(task, trim, consensus).merge(task.name, base, experts, statistics)
+        selection = statistics if statistics is not None else select(task, base, experts, sparsify)
+        return combine(task, base, experts, selection, consensus)
 
     def statistics(task, base, experts):
-        return tensor_merge(task, trim, consensus).thresholds(task.name, base, experts)
+        return select(task, base, list(experts), sparsify)
 
+    def check_all(task) -> Optional[str]:
+        return check_common(task) or (check(task) if check is not None else None)
+
+    random = sparsify in ("random", "della_magprune")
     return MergeMethod(
         name=name,
         description=description,
         reference=reference,
-        parameters=parameters(normalize, rescale),
+        parameters=parameters(normalize, rescale, sparsify, consensus),
         base="required",
         min_models=2,
         merge=merge,
-        statistics=statistics if trim == "magnitude" else None,
-        blockwise=lambda task: trim != "random",
-        check=check,
+        statistics=None if random else statistics,
+        blockwise=lambda task: not random,
+        check=check_all,
     )

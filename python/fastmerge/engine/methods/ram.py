@@ -1,0 +1,61 @@
+"""``ram``: Reinforced Agent Merging: unique deltas kept whole, shared ones averaged.
+
+With τ_i = θ_i − base and ε = ``epsilon``, an entry of τ_i contributes where |τ_i| > ε;
+c = the number of models contributing to the entry. Entries with c = 1 keep their delta,
+entries with c > 1 take the mean of the contributing deltas:
+
+    ram = base + Σ_i [|τ_i| > ε] · τ_i / max(c, 1).
+
+Elementwise (one pass over the inputs per expert). Reference: https://arxiv.org/abs/2601.13572.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..registry import MergeMethod, Parameter, register
+
+
+def contributions(task, tensors) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """(base, the task vectors with non-contributing entries zeroed, c)."""
+    base = tensors[task.base_index]
+    eps = task.shared["epsilon"]
+    taus = [x - base for j, x in enumerate(tensors) if j != task.base_index]
+    counts = torch.zeros_like(base)
+    for tau in taus:
+        live = tau.abs() > eps
+        tau.mul_(live)
+        counts += live
+    return base, taus, counts
+
+
+def merge(task, tensors, statistics=None, lambdas: Optional[list[float]] = None):
+    """The RAM merge of one tensor (``lambdas``: RAM+'s factors of the unique deltas)."""
+    base, taus, counts = contributions(task, tensors)
+    unique = counts == 1
+    share = 1 / counts.clamp(min=1)
+    out = base.clone()
+    for i, tau in enumerate(taus):
+        factor = torch.where(unique, 1.0 if lambdas is None else lambdas[i], share)
+        out += tau * factor
+    return out
+
+
+def epsilon(default: float) -> Parameter:
+    return Parameter("epsilon", float, "global", default, low=0.0,
+                     doc="deltas up to this magnitude do not contribute")  # fmt: skip
+
+
+METHOD = register(
+    MergeMethod(
+        name="ram",
+        description="RAM: unique deltas kept whole, overlapping ones averaged",
+        reference="https://arxiv.org/abs/2601.13572",
+        parameters=(epsilon(1e-5),),
+        base="required",
+        min_models=1,
+        merge=merge,
+    )
+)

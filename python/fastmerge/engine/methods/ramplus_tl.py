@@ -1,0 +1,48 @@
+"""``ramplus_tl``: RAM+ (tensor-local): RAM with unique deltas amplified by their overlap.
+
+As ``ram``, and each model's unique deltas are multiplied by
+``λ_i = 1 + r · clamp(ρ_i, 0, α)`` with ρ_i = (its shared contributing entries) /
+max(its unique contributing entries, ε), counted over the whole tensor (``r``, ``alpha``,
+``epsilon``). Reference: https://arxiv.org/abs/2601.13572.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import MergeMethod, Parameter, register
+from .ram import contributions, epsilon
+from .ram import merge as ram_merge
+
+
+def merge(task, tensors, statistics=None):
+    """The RAM+ merge of one tensor."""
+    _, taus, counts = contributions(task, tensors)
+    eps, r, alpha = task.shared["epsilon"], task.shared["r"], task.shared["alpha"]
+    lambdas = []
+    for tau in taus:
+        live = tau != 0
+        shared = (live & (counts > 1)).sum().item()
+        unique = (live & (counts == 1)).sum().item()
+        rho = shared / max(unique, eps)
+        lambdas.append(1 + r * min(max(rho, 0.0), alpha))
+    del taus, counts
+    return ram_merge(task, tensors, lambdas=lambdas)
+
+
+METHOD = register(
+    MergeMethod(
+        name="ramplus_tl",
+        description="RAM+ (tensor-local): RAM with unique deltas amplified by overlap",
+        reference="https://arxiv.org/abs/2601.13572",
+        parameters=(
+            epsilon(1e-5),
+            Parameter("r", float, "global", 0.1, doc="amplification rate"),
+            Parameter("alpha", float, "global", 0.2, low=0.0, doc="cap of the overlap ratio"),
+        ),
+        base="required",
+        min_models=1,
+        merge=merge,
+        blockwise=lambda task: False,
+    )
+)
