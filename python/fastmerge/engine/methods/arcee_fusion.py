@@ -31,9 +31,7 @@ def threshold(scores: torch.Tensor) -> torch.Tensor:
     """median + 1.5 IQR of `scores`, from exact order statistics."""
     flat = scores.reshape(-1)
     n = flat.numel()
-    q1, median, q3 = (
-        torch.kthvalue(flat, int(q * (n - 1)) + 1).values for q in (0.25, 0.5, 0.75)
-    )
+    q1, median, q3 = (torch.kthvalue(flat, int(q * (n - 1)) + 1).values for q in (0.25, 0.5, 0.75))
     return median + 1.5 * (q3 - q1)
 
 

@@ -49,9 +49,7 @@ METHOD = register(
         name="model_stock",
         description="interpolate base and experts' average by the experts' angle",
         reference="https://arxiv.org/abs/2403.19522",
-        parameters=(
-            Parameter("filter_wise", bool, "global", False, doc="one angle per row"),
-        ),
+        parameters=(Parameter("filter_wise", bool, "global", False, doc="one angle per row"),),
         base="required",
         min_models=3,
         merge=merge,

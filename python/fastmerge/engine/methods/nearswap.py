@@ -26,9 +26,7 @@ METHOD = register(
         name="nearswap",
         description="the other model's value where it is within t of the base's",
         reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
-        parameters=(
-            Parameter("t", float, "global", low=0.0, doc="distance scale of the swap"),
-        ),
+        parameters=(Parameter("t", float, "global", low=0.0, doc="distance scale of the swap"),),
         base="required",
         min_models=2,
         max_models=2,

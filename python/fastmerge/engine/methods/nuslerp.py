@@ -78,10 +78,20 @@ METHOD = register(
         reference="https://github.com/arcee-ai/mergekit",
         parameters=(
             Parameter("weight", float, "non_base", 1.0, doc="the model's weight"),
-            Parameter("nuslerp_flatten", bool, "global", True,
-                      doc="one angle per tensor (else per row or column)"),  # fmt: skip
-            Parameter("nuslerp_row_wise", bool, "global", False,
-                      doc="without flatten: vectors along the first dimension"),  # fmt: skip
+            Parameter(
+                "nuslerp_flatten",
+                bool,
+                "global",
+                True,
+                doc="one angle per tensor (else per row or column)",
+            ),  # fmt: skip
+            Parameter(
+                "nuslerp_row_wise",
+                bool,
+                "global",
+                False,
+                doc="without flatten: vectors along the first dimension",
+            ),  # fmt: skip
         ),
         base="optional",
         min_models=2,

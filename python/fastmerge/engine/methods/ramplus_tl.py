@@ -8,7 +8,6 @@ max(its unique contributing entries, ε), counted over the whole tensor (``r``, 
 
 from __future__ import annotations
 
-
 from ..registry import MergeMethod, Parameter, register
 from .ram import contributions, epsilon
 from .ram import merge as ram_merge

@@ -50,7 +50,7 @@ def merge(task, tensors, statistics=None):
     energy = torch.tensor([tau.square().mean().item() if tau.numel() else 0.0 for tau in taus],
                           dtype=torch.float64)  # fmt: skip
     total = energy.sum().item()
-    weights = (energy / total if abs(total) >= 1e-6 else torch.full_like(energy, 1 / len(taus)))
+    weights = energy / total if abs(total) >= 1e-6 else torch.full_like(energy, 1 / len(taus))
     total_tau = torch.stack(taus).sum(0) if len(taus) > 1 else taus[0]
     positive = total_tau >= 0
     merged = torch.zeros_like(base)
@@ -68,8 +68,15 @@ METHOD = register(
         description="SCE: variance-selected, energy-weighted, sign-elected task vectors",
         reference="https://arxiv.org/abs/2408.07990",
         parameters=(
-            Parameter("select_topk", float, "global", 1.0, low=0.0, high=1.0,
-                      doc="fraction of the highest-variance entries kept"),  # fmt: skip
+            Parameter(
+                "select_topk",
+                float,
+                "global",
+                1.0,
+                low=0.0,
+                high=1.0,
+                doc="fraction of the highest-variance entries kept",
+            ),  # fmt: skip
             Parameter("int8_mask", bool, "global", False, doc="accepted; no effect in fastmerge"),
         ),
         base="required",

@@ -50,8 +50,14 @@ METHOD = register(
         description="spherical interpolation between the base and one other model",
         reference="https://en.wikipedia.org/wiki/Slerp",
         parameters=(
-            Parameter("t", float, "global", low=0.0, high=1.0,
-                      doc="position from the base (0) to the other model (1)"),  # fmt: skip
+            Parameter(
+                "t",
+                float,
+                "global",
+                low=0.0,
+                high=1.0,
+                doc="position from the base (0) to the other model (1)",
+            ),  # fmt: skip
         ),
         base="required",
         min_models=2,
