@@ -137,3 +137,33 @@ def test_slerp_inside_slices(tuned):
         "dtype": "float32",
     }  # fmt: skip
     assert_same_tensors(*run_both(tuned, config, "slerp_slices"), tol=TOL)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])
+def test_random_methods_match_mergekit_in_distribution(tuned, method):
+    """Keep rate (pooled over the model, within 3σ of density for both tools) and the L1
+    rescale (every tensor's delta keeps its L1 norm in both)."""
+    from .test_mergekit_parity import _tensors
+
+    density = 0.3
+    for rescale in (False, True):
+        config = {"merge_method": method, "base_model": "./base", "models": _models(["x"]),
+                  "parameters": {"weight": 1.0, "density": density, "rescale": rescale,
+                                 "normalize": False},
+                  "dtype": "float32"}  # fmt: skip
+        if method.startswith("della"):
+            config["parameters"]["epsilon"] = 0.1
+        ours, theirs = run_both(tuned, config, f"{method}_{rescale}")
+        base, x = _tensors(tuned / "base"), _tensors(tuned / "x")
+        for out in (_tensors(ours), _tensors(theirs)):
+            kept = total = 0
+            for k, v in out.items():
+                delta, tau = v - base[k], x[k] - base[k]
+                kept += (delta != 0).sum().item()
+                total += delta.numel()
+                if rescale:
+                    assert delta.abs().sum().item() == pytest.approx(
+                        tau.abs().sum().item(), rel=1e-4
+                    ), k
+            sigma = (total * density * (1 - density)) ** 0.5
+            assert abs(kept - total * density) <= 3 * sigma
