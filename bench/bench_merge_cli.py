@@ -332,7 +332,7 @@ def compare(a: Path, b: Path) -> dict[str, Any]:
     from fastmerge.io import open_checkpoint
 
     x, y = open_checkpoint(a), open_checkpoint(b)
-    worst, differing, total = 0.0, 0, 0
+    worst, differing, total, relative = 0.0, 0, 0, 0.0
     missing = sorted(set(x) ^ set(y))
     for name in x:
         if name not in y:
@@ -342,8 +342,11 @@ def compare(a: Path, b: Path) -> dict[str, Any]:
         tol = 4 * torch.finfo(torch.float32).eps * torch.maximum(u.abs(), v.abs()).clamp(min=1e-30)
         differing += int((diff > tol).sum())
         worst = max(worst, float(diff.max()) if diff.numel() else 0.0)
+        if diff.numel():
+            relative = max(relative, float(diff.max() / v.abs().max().clamp(min=1e-30)))
         total += diff.numel()
-    return {"max_abs_diff": worst, "entries_beyond_rounding": differing, "entries": total,
+    return {"max_abs_diff": worst, "max_rel_diff": relative,
+            "entries_beyond_rounding": differing, "entries": total,
             "keys_only_in_one": missing}  # fmt: skip
 
 
@@ -464,11 +467,16 @@ def main(argv=None) -> int:
                         help="throughput only; keep the earlier comparison's results")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="profile one merge of each")
     parser.add_argument("--keep", action="store_true", help="keep --workdir's checkpoints")
+    parser.add_argument("--methods", default=None,
+                        help="'all' or a comma-separated list: every method against mergekit "
+                        "(bench/merge_methods.py), results in merge_methods-cpu.*")  # fmt: skip
     parser.add_argument("--build", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.build:
         build_checkpoints(Path(args.build), SMALL if args.small else SHAPE)
         return 0
+    if args.methods:
+        return run_methods(args)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fastmerge-bench-merge-cli-"))
     workdir.mkdir(parents=True, exist_ok=True)
     results = HERE / "results"
@@ -499,6 +507,41 @@ def main(argv=None) -> int:
     results.mkdir(exist_ok=True)
     (results / f"{args.name}.md").write_text(text)
     (results / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(text)
+    return 0
+
+
+def run_methods(args) -> int:
+    """``--methods``: every method against mergekit (see bench/merge_methods.py)."""
+    sys.path.insert(0, str(HERE))
+    import merge_methods
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fastmerge-bench-methods-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = [workdir / "base"] + [workdir / f"expert{i}" for i in range(1, EXPERTS + 1)]
+    try:
+        if not all((p / "config.json").exists() for p in paths):
+            paths = build_in_subprocess(workdir, args.small)
+        warm(paths)
+        names = list(merge_methods.configs(paths)) if args.methods == "all" else [
+            m.strip() for m in args.methods.split(",")]  # fmt: skip
+        mergekit = None if args.skip_mergekit else Path(sys.executable).parent / "mergekit-yaml"
+        result = merge_methods.measure_methods(
+            workdir, paths, args.rounds, names, run_peer, help_command, merge_command,
+            input_bytes, mergekit if mergekit and mergekit.exists() else None, compare,
+        )  # fmt: skip
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    machine = machine_info()
+    result["machine"], result["shape"] = machine, SMALL if args.small else SHAPE
+    text = merge_methods.report(result, machine)
+    results = HERE / "results"
+    name = "merge_methods-cpu" if args.name == "merge_cli-cpu" else args.name
+    (results / f"{name}.md").write_text(text)
+    (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if any("speedup" in r for r in result["methods"].values()):
+        merge_methods.plot(result, results / f"{name}.png")
     print(text)
     return 0
 
