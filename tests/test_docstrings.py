@@ -23,6 +23,7 @@ MODULES = [
     "fastmerge.least_squares",
     "fastmerge.dist",
     "fastmerge.ops.conv_gram",
+    "fastmerge.ops.gram",
     "fastmerge.ops.lowrank_mixture",
     "fastmerge.ops.magnitude_threshold",
     "fastmerge.ops.ties_combine",

@@ -14,6 +14,7 @@
 #include "../cpu/conv_gram.h"
 #include "../cpu/feature_center.h"
 #include "../cpu/feature_cost.h"
+#include "../cpu/gram.h"
 #include "../cpu/linear_assignment.h"
 #include "../cpu/lowrank_mixture.h"
 #include "../cpu/magnitude_threshold.h"
@@ -208,6 +209,22 @@ PYBIND11_MODULE(_C, m) {
       "Upper triangle of [patches | y]^T [patches | y] of a convolution (float64 features x "
       "columns) without materializing the patches; geometry: n, c_in, h, w, c_out, h_out, "
       "w_out, kh, kw, sh, sw, ph, pw, dh, dw, bias.");
+  m.def(
+      "gram",
+      [](const std::vector<uintptr_t>& inputs, const std::vector<int32_t>& dtypes,
+         uintptr_t base, int32_t base_dtype, int64_t rows, int64_t cols, int32_t mode,
+         bool float64, uintptr_t out) {
+        check_lengths(inputs.size(), dtypes.size(), "dtypes");
+        const auto pointers = as_pointers<const void*>(inputs);
+        py::gil_scoped_release release;
+        fastmerge::cpu::gram(pointers, dtypes, reinterpret_cast<const void*>(base), base_dtype,
+                             rows, cols, mode, float64, reinterpret_cast<double*>(out));
+      },
+      py::arg("inputs"), py::arg("dtypes"), py::arg("base"), py::arg("base_dtype"),
+      py::arg("rows"), py::arg("cols"), py::arg("mode"), py::arg("float64"), py::arg("out"),
+      "float64 (batch, k, k) Gram matrices of k (rows, cols) buffers (dtype codes per input; "
+      "base 0: none): mode 0 the whole buffer, 1 each row, 2 each column; x = input - base "
+      "rounded in float32 (float64 when float64), products and sums in float64.");
   m.def(
       "lowrank_gate_scale",
       [](uintptr_t z, int32_t dtype, int64_t rows, int64_t tasks, int64_t rank,

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "../cuda/gram.h"
 #include "../cuda/launchers.h"
 #include "../cuda/weighted_sum.h"
 
@@ -105,6 +106,19 @@ PYBIND11_MODULE(_cuda, m) {
       },
       py::arg("x"), py::arg("y"), py::arg("dtype"), py::arg("geometry"), py::arg("out"),
       py::arg("stream"));
+  m.def(
+      "gram",
+      [](uintptr_t table, int64_t count, uintptr_t base, int32_t base_dtype, int64_t rows,
+         int64_t cols, int32_t mode, int64_t splits, bool float64, uintptr_t workspace,
+         uintptr_t out, uintptr_t stream) {
+        py::gil_scoped_release release;
+        fastmerge::cuda::gram(ptr<const int64_t>(table), count, ptr<const void>(base),
+                              base_dtype, rows, cols, mode, splits, float64,
+                              ptr<double>(workspace), ptr<double>(out), stream);
+      },
+      py::arg("table"), py::arg("count"), py::arg("base"), py::arg("base_dtype"),
+      py::arg("rows"), py::arg("cols"), py::arg("mode"), py::arg("splits"), py::arg("float64"),
+      py::arg("workspace"), py::arg("out"), py::arg("stream"));
   m.def(
       "lowrank_mixture",
       [](uintptr_t x, int32_t dtype, int64_t rows, int64_t d_in, int64_t d_out, int64_t tasks,

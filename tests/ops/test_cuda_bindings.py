@@ -338,6 +338,14 @@ def _drive_feature_cost(ops):
     ops.feature_cost(*moments, *squares, s, t, 6, kind="correlation", backend="cuda")
 
 
+def _drive_gram(ops):
+    a, b = _tensor(3, 5), _tensor(3, 5, dtype=torch.bfloat16)
+    ops.gram([a, b], backend="cuda")
+    ops.gram([a, b], base=_tensor(3, 5, dtype=torch.float16), axis=-1, backend="cuda")
+    ops.gram([a, b], axis=0, backend="cuda")
+    ops.gram([_tensor(5000), _tensor(5000)], base=_tensor(5000), backend="cuda")  # 2 splits
+
+
 #: op module -> a call of its public function with backend="cuda". Inputs are small; the
 #: stand-in leaves outputs as allocated, so nothing is checked about them.
 CUDA_DRIVERS: dict[str, Callable[[Any], Any]] = {
@@ -350,6 +358,7 @@ CUDA_DRIVERS: dict[str, Callable[[Any], Any]] = {
     "linear_assignment": lambda ops: ops.linear_assignment(_tensor(3, 4), backend="cuda"),
     "feature_center": lambda ops: ops.feature_center(_tensor(5, 3), _tensor(3), backend="cuda"),
     "feature_cost": _drive_feature_cost,
+    "gram": _drive_gram,
     "conv_gram": lambda ops: ops.conv_gram(
         _tensor(1, 2, 5, 5), _tensor(1, 3, 4, 4), 2, backend="cuda"
     ),
