@@ -21,16 +21,7 @@ def gram(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = None,
          axis: Optional[int] = None) -> torch.Tensor:  # fmt: skip
     """float64 Gram matrix of `tensors` (minus `base`): (k, k) for the whole tensor, else
     (R, k, k) per row (``axis=-1``) or per column (``axis=0``)."""
-    if hasattr(ops, "gram"):
-        return ops.gram(list(tensors), base=base, axis=axis)
-    xs = [t if base is None else t - base for t in tensors]
-    if axis is None:
-        m = torch.stack([x.reshape(-1).double() for x in xs])
-        return m @ m.T
-    if axis == 0:
-        xs = [x.reshape(x.shape[0], -1).T for x in xs] if xs[0].dim() > 1 else xs
-    m = torch.stack([x.reshape(-1, x.shape[-1] if x.dim() else 1).double() for x in xs], 1)
-    return m @ m.transpose(1, 2)
+    return ops.gram(list(tensors), base=base, axis=axis)
 
 
 def combine(tensors: Sequence[torch.Tensor], coefficients: torch.Tensor, out_dtype: torch.dtype,
