@@ -30,6 +30,7 @@ KERNEL_MODULES = (
     "conv_gram",
     "feature_center",
     "feature_cost",
+    "gta_combine",
     "lowrank_mixture",
     "magnitude_threshold",
     "scope_grad",

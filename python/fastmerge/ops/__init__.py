@@ -8,6 +8,7 @@ One op, one file per backend, same name everywhere: ``scope_stats`` is
 from .conv_gram import conv_gram
 from .feature_center import feature_center
 from .feature_cost import feature_cost
+from .gta_combine import gta_combine
 from .linear_assignment import linear_assignment
 from .lowrank_mixture import clear_lowrank_cache, lowrank_mixture, merge_lowrank
 from .magnitude_threshold import magnitude_threshold
@@ -20,6 +21,7 @@ __all__ = [
     "conv_gram",
     "feature_center",
     "feature_cost",
+    "gta_combine",
     "linear_assignment",
     "lowrank_mixture",
     "merge_lowrank",
