@@ -27,6 +27,7 @@ MODULES = [
     "fastmerge.ops.lowrank_mixture",
     "fastmerge.ops.magnitude_threshold",
     "fastmerge.ops.ties_combine",
+    "fastmerge.ops.gta_combine",
     "fastmerge.merge",
     "fastmerge.merge._select",
     "fastmerge.merge.static",

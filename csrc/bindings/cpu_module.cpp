@@ -15,6 +15,7 @@
 #include "../cpu/feature_center.h"
 #include "../cpu/feature_cost.h"
 #include "../cpu/gram.h"
+#include "../cpu/gta_combine.h"
 #include "../cpu/linear_assignment.h"
 #include "../cpu/lowrank_mixture.h"
 #include "../cpu/magnitude_threshold.h"
@@ -277,6 +278,25 @@ PYBIND11_MODULE(_C, m) {
       py::arg("base"), py::arg("experts"), py::arg("n"), py::arg("dtype"), py::arg("k"),
       py::arg("out"),
       "out[t] = k-th largest |experts[t] - base| (float32, float64 for float64 inputs).");
+  m.def(
+      "gta_combine",
+      [](uintptr_t base, const std::vector<uintptr_t>& experts, int64_t n, int32_t dtype,
+         uintptr_t params, uintptr_t random, int64_t offset, bool consensus, bool drop_zero_sum,
+         bool normalize, double lam, uintptr_t out, int32_t out_dtype) {
+        const auto pointers = as_pointers<const void*>(experts);
+        py::gil_scoped_release release;
+        fastmerge::cpu::gta_combine(reinterpret_cast<const void*>(base), pointers, n, dtype,
+                                    reinterpret_cast<const void*>(params),
+                                    reinterpret_cast<const int64_t*>(random), offset, consensus,
+                                    drop_zero_sum, normalize, lam, reinterpret_cast<void*>(out),
+                                    out_dtype);
+      },
+      py::arg("base"), py::arg("experts"), py::arg("n"), py::arg("dtype"), py::arg("params"),
+      py::arg("random"), py::arg("offset"), py::arg("consensus"), py::arg("drop_zero_sum"),
+      py::arg("normalize"), py::arg("lam"), py::arg("out"), py::arg("out_dtype"),
+      "Generalized task arithmetic of one tensor: params (compute type, 4 x T: weights, lower, "
+      "upper, scales), random (0, or int64 2 x T: keys, keep_below), sign election, "
+      "base + lam * mixed.");
   m.def(
       "ties_combine",
       [](uintptr_t base, const std::vector<uintptr_t>& experts, int64_t n, int32_t dtype,

@@ -148,6 +148,23 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("dtype"), py::arg("k"), py::arg("out"), py::arg("hist"), py::arg("prefix"),
       py::arg("rank"), py::arg("stream"));
   m.def(
+      "gta_combine",
+      [](uintptr_t base, uintptr_t expert_addresses, int64_t num_experts, int64_t n,
+         int32_t dtype, uintptr_t params, uintptr_t random, int64_t offset, bool consensus,
+         bool drop_zero_sum, bool normalize, double lam, uintptr_t out, int32_t out_dtype,
+         uintptr_t stream) {
+        py::gil_scoped_release release;
+        fastmerge::cuda::gta_combine(ptr<const void>(base), ptr<const int64_t>(expert_addresses),
+                                     num_experts, n, dtype, ptr<const void>(params),
+                                     ptr<const int64_t>(random), offset, consensus,
+                                     drop_zero_sum, normalize, lam, ptr<void>(out), out_dtype,
+                                     stream);
+      },
+      py::arg("base"), py::arg("expert_addresses"), py::arg("num_experts"), py::arg("n"),
+      py::arg("dtype"), py::arg("params"), py::arg("random"), py::arg("offset"),
+      py::arg("consensus"), py::arg("drop_zero_sum"), py::arg("normalize"), py::arg("lam"),
+      py::arg("out"), py::arg("out_dtype"), py::arg("stream"));
+  m.def(
       "ties_combine",
       [](uintptr_t base, uintptr_t expert_addresses, int64_t num_experts, int64_t n,
          int32_t dtype, uintptr_t thresholds, double scale, uintptr_t out, int32_t out_dtype,

@@ -73,6 +73,15 @@ void ties_combine(const void* base, const int64_t* expert_addresses, int64_t num
                   int64_t n, int32_t dtype, const void* thresholds, double scale, void* out,
                   int32_t out_dtype, uintptr_t stream);
 
+// Generalized task arithmetic of one tensor (see csrc/cpu/gta_combine.h): params in the
+// compute type (float32, float64 for kFloat64 inputs), 4 x T rows (weights, lower, upper,
+// scales); random: nullptr or int64 2 x T rows (key bits, keep_below); all device
+// pointers; out: n elements of out_dtype.
+void gta_combine(const void* base, const int64_t* expert_addresses, int64_t num_experts,
+                 int64_t n, int32_t dtype, const void* params, const int64_t* random,
+                 int64_t offset, bool consensus, bool drop_zero_sum, bool normalize, double lam,
+                 void* out, int32_t out_dtype, uintptr_t stream);
+
 int device_count();
 
 }  // namespace fastmerge::cuda

@@ -362,6 +362,16 @@ CUDA_DRIVERS: dict[str, Callable[[Any], Any]] = {
     "conv_gram": lambda ops: ops.conv_gram(
         _tensor(1, 2, 5, 5), _tensor(1, 3, 4, 4), 2, backend="cuda"
     ),
+    "gta_combine": lambda ops: ops.gta_combine(
+        _tensor(6),
+        [_tensor(6), _tensor(6, dtype=torch.float16)],
+        [0.5, -0.25],
+        keep_probability=[0.5, 1.0],
+        offset=12,
+        consensus=True,
+        normalize=True,
+        backend="cuda",
+    ),
     "lowrank_mixture": _drive_lowrank_mixture,
     "magnitude_threshold": lambda ops: ops.magnitude_threshold(
         _tensor(8), [_tensor(8), _tensor(8)], 3, backend="cuda"

@@ -31,6 +31,7 @@ KERNEL_MODULES = (
     "feature_center",
     "feature_cost",
     "gram",
+    "gta_combine",
     "lowrank_mixture",
     "magnitude_threshold",
     "scope_grad",

@@ -9,6 +9,7 @@ from .conv_gram import conv_gram
 from .feature_center import feature_center
 from .feature_cost import feature_cost
 from .gram import gram
+from .gta_combine import gta_combine
 from .linear_assignment import linear_assignment
 from .lowrank_mixture import clear_lowrank_cache, lowrank_mixture, merge_lowrank
 from .magnitude_threshold import magnitude_threshold
@@ -22,6 +23,7 @@ __all__ = [
     "feature_center",
     "feature_cost",
     "gram",
+    "gta_combine",
     "linear_assignment",
     "lowrank_mixture",
     "merge_lowrank",
