@@ -21,7 +21,9 @@ with τ_i = θ_i − base for every non-base model:
 The thresholds come from :func:`fastmerge.ops.magnitude_threshold` (exact radix
 selection; every entry tied with the threshold is kept, where mergekit keeps exactly k
 and breaks ties by its sort order), the per-entry step from
-:func:`fastmerge.ops.gta_combine` (one fused pass).
+:func:`fastmerge.ops.gta_combine` (one fused pass; DARE's masks are drawn inside it from a
+counter-based hash of (seed, expert, entry)). DELLA's rank-dependent masks are built
+with a per-row sort first and combined with torch ops.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ... import ops
+from ...reference.gta_combine import random_keep
 from ..registry import MergeMethod, Parameter
 
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
@@ -72,12 +75,15 @@ def parameters(normalize: bool, rescale: bool, sparsify: Optional[str] = None,
 @dataclass
 class Selection:
     """Per expert: the kept band ``lower <= |τ| <= upper``, the rescale factor, and for
-    the random sparsifiers an explicit mask or a keep probability."""
+    the random sparsifiers the keep probability (DARE: masks drawn inside
+    :func:`fastmerge.ops.gta_combine` from `seed`) or an explicit mask (DELLA)."""
 
     lower: list[float]
     upper: list[float]
     scales: list[float]
     masks: Optional[list[Optional[torch.Tensor]]] = None
+    keep_probability: Optional[list[float]] = None
+    seed: int = 0
 
 
 def _experts(task) -> list[dict[str, Any]]:
@@ -146,9 +152,13 @@ def select(task, base: torch.Tensor, experts, sparsify: Optional[str]) -> Select
             lower[t] = v
         count = len(experts)
         return Selection(lower, [float("inf")] * count, [1.0] * count)
-    out = Selection([], [], [], [] if sparsify in ("random", "della_magprune") else None)
+    out = Selection([], [], [], [] if sparsify == "della_magprune" else None)
+    if sparsify == "random":
+        out.keep_probability = [min(1.0, p["density"]) for p in params]
+        out.seed = mask_seed(task.seed, task.name, 0)
     for t, expert in enumerate(experts):
-        lower, upper, scale, mask = _select_one(task, t, params[t], base, expert, sparsify)
+        lower, upper, scale, mask = _select_one(task, t, params[t], base, expert, sparsify,
+                                                out.seed)  # fmt: skip
         out.lower.append(lower)
         out.upper.append(upper)
         out.scales.append(scale)
@@ -158,8 +168,8 @@ def select(task, base: torch.Tensor, experts, sparsify: Optional[str]) -> Select
 
 
 def _select_one(task, t: int, p: dict, base: torch.Tensor, expert: torch.Tensor,
-                sparsify: Optional[str]):  # fmt: skip
-    """(lower, upper, scale, mask) of expert t."""
+                sparsify: Optional[str], seed: int):  # fmt: skip
+    """(lower, upper, scale, mask) of expert t (`seed`: DARE's seed of the tensor)."""
     n = base.numel()
     lower, upper, mask = 0.0, float("inf"), None
     if sparsify is None or p["density"] >= 1.0 or n == 0:
@@ -176,25 +186,22 @@ def _select_one(task, t: int, p: dict, base: torch.Tensor, expert: torch.Tensor,
             upper, lower = _kth_largest(
                 base, [expert, expert], [n - bottom - target + 1, n - bottom]
             )
-    else:
-        seed = mask_seed(task.seed, task.name, t)
-        tau = expert - base
-        if sparsify == "random":
-            mask = _uniform(tau.shape, seed, tau.device) < d
-        else:
-            mask = _della_mask(tau, d, p["epsilon"], seed)
+    elif sparsify == "della_magprune":
+        mask = _della_mask(expert - base, d, p["epsilon"], mask_seed(task.seed, task.name, t))
     scale = 1.0
     if task.shared["rescale"]:
         if task.shared["rescale_rule"] == "density":
             scale = 1.0 / d
         else:
             magnitude = (expert - base).abs()
+            if sparsify == "random":  # the mask gta_combine draws for this expert
+                mask = random_keep(seed, t, d, 0, n, magnitude.device).reshape(magnitude.shape)
             kept = _kept(magnitude, lower, upper, mask)
             before = magnitude.sum(dtype=torch.float64).item()
             after = torch.where(kept, magnitude, 0).sum(dtype=torch.float64).item()
             if before >= RESCALE_EPS and after >= RESCALE_EPS:
                 scale = before / after
-    return lower, upper, scale, mask
+    return lower, upper, scale, mask if sparsify == "della_magprune" else None
 
 
 def _kept(magnitude: torch.Tensor, lower: float, upper: float,
@@ -208,18 +215,17 @@ def combine(task, base: torch.Tensor, experts: list[torch.Tensor], selection: Se
     """Steps 3-5 of the module doc for one tensor (or the same rows of every input)."""
     weights = [p["weight"] for p in _experts(task)]
     zero_sum = task.shared.get("zero_sum", "positive")
-    if selection.masks is None and hasattr(ops, "gta_combine"):
+    if selection.masks is None:
         return ops.gta_combine(
             base, experts, weights, lower=selection.lower, upper=selection.upper,
-            scales=selection.scales, consensus=consensus, zero_sum=zero_sum,
+            scales=selection.scales, keep_probability=selection.keep_probability,
+            seed=selection.seed, consensus=consensus, zero_sum=zero_sum,
             normalize=task.shared["normalize"], lam=task.shared["lambda"],
         )  # fmt: skip
     deltas = []
     for t, e in enumerate(experts):
         tau = e - base
-        mask = selection.masks[t] if selection.masks is not None else None
-        if selection.masks is None:
-            mask = _kept(tau.abs(), selection.lower[t], selection.upper[t], None)
+        mask = selection.masks[t]
         if mask is not None:
             tau = torch.where(mask, tau * selection.scales[t], 0)
         deltas.append(tau * weights[t])
