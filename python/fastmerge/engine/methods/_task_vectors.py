@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ... import ops
-from ...reference.gta_combine import random_keep
+from ...reference.gta_combine import GOLDEN, MASK64
 from ..registry import MergeMethod, Parameter
 
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
@@ -193,15 +193,28 @@ def _select_one(task, t: int, p: dict, base: torch.Tensor, expert: torch.Tensor,
         if task.shared["rescale_rule"] == "density":
             scale = 1.0 / d
         else:
-            magnitude = (expert - base).abs()
-            if sparsify == "random":  # the mask gta_combine draws for this expert
-                mask = random_keep(seed, t, d, 0, n, magnitude.device).reshape(magnitude.shape)
-            kept = _kept(magnitude, lower, upper, mask)
+            magnitude = (expert - base).abs_()
             before = magnitude.sum(dtype=torch.float64).item()
-            after = torch.where(kept, magnitude, 0).sum(dtype=torch.float64).item()
+            if sparsify == "random":
+                after = _random_kept_l1(base, expert, d, seed, t, magnitude)
+            else:
+                kept = _kept(magnitude, lower, upper, mask)
+                after = torch.where(kept, magnitude, 0).sum(dtype=torch.float64).item()
             if before >= RESCALE_EPS and after >= RESCALE_EPS:
                 scale = before / after
     return lower, upper, scale, mask if sparsify == "della_magprune" else None
+
+
+def _random_kept_l1(base: torch.Tensor, expert: torch.Tensor, density: float, seed: int,
+                    t: int, scratch: torch.Tensor) -> float:  # fmt: skip
+    """Σ |τ_t| over the entries that :func:`fastmerge.ops.gta_combine` keeps for expert t
+    of a call with `seed`: the same mask from a one-expert call whose seed is shifted so
+    that its expert 0 draws expert t's stream (keys are ``mix64(seed + (t + 1) GOLDEN)``).
+    `scratch` (a tensor of base's shape) is overwritten."""
+    shifted = (int(seed) + t * GOLDEN) & MASK64
+    kept = ops.gta_combine(base, [expert], [1.0], keep_probability=[density], seed=shifted,
+                           out=scratch)  # base + the kept τ_t  # fmt: skip
+    return kept.sub_(base).abs_().sum(dtype=torch.float64).item()
 
 
 def _kept(magnitude: torch.Tensor, lower: float, upper: float,
