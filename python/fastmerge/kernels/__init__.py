@@ -33,6 +33,7 @@ KERNEL_MODULES = (
     "gram",
     "lowrank_mixture",
     "magnitude_threshold",
+    "nearswap",
     "scope_grad",
     "scope_stats",
     "ties_combine",
