@@ -26,6 +26,7 @@ MODULES = [
     "fastmerge.ops.gram",
     "fastmerge.ops.lowrank_mixture",
     "fastmerge.ops.magnitude_threshold",
+    "fastmerge.ops.nearswap",
     "fastmerge.ops.ties_combine",
     "fastmerge.ops.gta_combine",
     "fastmerge.merge",

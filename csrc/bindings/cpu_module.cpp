@@ -19,6 +19,7 @@
 #include "../cpu/linear_assignment.h"
 #include "../cpu/lowrank_mixture.h"
 #include "../cpu/magnitude_threshold.h"
+#include "../cpu/nearswap.h"
 #include "../cpu/scope_grad.h"
 #include "../cpu/scope_stats.h"
 #include "../cpu/ties_combine.h"
@@ -326,6 +327,19 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out"), py::arg("out_dtype"),
       "out = sum_t weights[t] * inputs[t] (n elements each, dtype codes per input), "
       "accumulated in float32 (float64 when float64), written in out_dtype.");
+  m.def(
+      "nearswap",
+      [](uintptr_t a, int32_t a_dtype, uintptr_t b, int32_t b_dtype, double t, int64_t n,
+         bool float64, uintptr_t out, int32_t out_dtype) {
+        py::gil_scoped_release release;
+        fastmerge::cpu::nearswap(reinterpret_cast<const void*>(a), a_dtype,
+                                 reinterpret_cast<const void*>(b), b_dtype, t, n, float64,
+                                 reinterpret_cast<void*>(out), out_dtype);
+      },
+      py::arg("a"), py::arg("a_dtype"), py::arg("b"), py::arg("b_dtype"), py::arg("t"),
+      py::arg("n"), py::arg("float64"), py::arg("out"), py::arg("out_dtype"),
+      "out = w * b + (1 - w) * a with w = clamp(t / max(|a - b|, 1e-6), 0, 1) (n elements, "
+      "dtype codes per input), in float32 (float64 when float64), written in out_dtype.");
   m.def("set_num_threads", &fastmerge::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &fastmerge::get_num_threads);
 }

@@ -10,6 +10,7 @@
 
 #include "../cuda/gram.h"
 #include "../cuda/launchers.h"
+#include "../cuda/nearswap.h"
 #include "../cuda/weighted_sum.h"
 
 namespace py = pybind11;
@@ -187,6 +188,17 @@ PYBIND11_MODULE(_cuda, m) {
       },
       py::arg("table"), py::arg("count"), py::arg("n"), py::arg("float64"), py::arg("out"),
       py::arg("out_dtype"), py::arg("stream"));
+  m.def(
+      "nearswap",
+      [](uintptr_t a, int32_t a_dtype, uintptr_t b, int32_t b_dtype, double t, int64_t n,
+         bool float64, uintptr_t out, int32_t out_dtype, uintptr_t stream) {
+        py::gil_scoped_release release;
+        fastmerge::cuda::nearswap(ptr<const void>(a), a_dtype, ptr<const void>(b), b_dtype, t,
+                                  n, float64, ptr<void>(out), out_dtype, stream);
+      },
+      py::arg("a"), py::arg("a_dtype"), py::arg("b"), py::arg("b_dtype"), py::arg("t"),
+      py::arg("n"), py::arg("float64"), py::arg("out"), py::arg("out_dtype"),
+      py::arg("stream"));
   m.def("device_count", &fastmerge::cuda::device_count);
   m.attr("compiled_archs") = FASTMERGE_CUDA_ARCHS;
 }

@@ -376,6 +376,9 @@ CUDA_DRIVERS: dict[str, Callable[[Any], Any]] = {
     "magnitude_threshold": lambda ops: ops.magnitude_threshold(
         _tensor(8), [_tensor(8), _tensor(8)], 3, backend="cuda"
     ),
+    "nearswap": lambda ops: ops.nearswap(
+        _tensor(7), _tensor(7, dtype=torch.bfloat16), 0.5, backend="cuda"
+    ),
     "ties_combine": lambda ops: ops.ties_combine(
         _tensor(6), [_tensor(6), _tensor(6)], torch.tensor([0.5, 0.5]), backend="cuda"
     ),
