@@ -350,6 +350,18 @@ def compare(a: Path, b: Path) -> dict[str, Any]:
             "keys_only_in_one": missing}  # fmt: skip
 
 
+def compare_in_subprocess(a: Path, b: Path) -> dict[str, Any]:
+    """:func:`compare` in a child process: loading both outputs here would grow this
+    process, and every later child's peak RSS would count the pages it inherits."""
+    code = (
+        "import json, sys\nsys.path.insert(0, sys.argv[1])\nfrom bench_merge_cli import compare\n"
+        "print(json.dumps(compare(sys.argv[2], sys.argv[3])))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(HERE), str(a), str(b)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def warm(paths: list[Path]) -> None:
     """Read every safetensors file once, so that the measurements find them cached."""
     for p in paths:
@@ -528,7 +540,8 @@ def run_methods(args) -> int:
         mergekit = None if args.skip_mergekit else Path(sys.executable).parent / "mergekit-yaml"
         result = merge_methods.measure_methods(
             workdir, paths, args.rounds, names, run_peer, help_command, merge_command,
-            input_bytes, mergekit if mergekit and mergekit.exists() else None, compare,
+            input_bytes, mergekit if mergekit and mergekit.exists() else None,
+            compare_in_subprocess,
         )  # fmt: skip
     finally:
         if not args.keep:

@@ -194,12 +194,12 @@ def _select_one(task, t: int, p: dict, base: torch.Tensor, expert: torch.Tensor,
             scale = 1.0 / d
         else:
             magnitude = (expert - base).abs_()
-            before = magnitude.sum(dtype=torch.float64).item()
+            before = magnitude.sum().item()  # float32, cascaded (mergekit: the same)
             if sparsify == "random":
                 after = _random_kept_l1(base, expert, d, seed, t, magnitude)
             else:
                 kept = _kept(magnitude, lower, upper, mask)
-                after = torch.where(kept, magnitude, 0).sum(dtype=torch.float64).item()
+                after = torch.where(kept, magnitude, 0).sum().item()
             if before >= RESCALE_EPS and after >= RESCALE_EPS:
                 scale = before / after
     return lower, upper, scale, mask if sparsify == "della_magprune" else None
@@ -214,7 +214,7 @@ def _random_kept_l1(base: torch.Tensor, expert: torch.Tensor, density: float, se
     shifted = (int(seed) + t * GOLDEN) & MASK64
     kept = ops.gta_combine(base, [expert], [1.0], keep_probability=[density], seed=shifted,
                            out=scratch)  # base + the kept τ_t  # fmt: skip
-    return kept.sub_(base).abs_().sum(dtype=torch.float64).item()
+    return kept.sub_(base).abs_().sum().item()
 
 
 def _kept(magnitude: torch.Tensor, lower: float, upper: float,
@@ -240,32 +240,19 @@ def combine(task, base: torch.Tensor, experts: list[torch.Tensor], selection: Se
         tau = e - base
         mask = selection.masks[t]
         if mask is not None:
-            tau = torch.where(mask, tau * selection.scales[t], 0)
-        deltas.append(tau * weights[t])
-    return masked_mix(task, base, deltas, weights, consensus, zero_sum)
+            tau.mul_(mask).mul_(selection.scales[t])
+        deltas.append(tau)
+    shared = task.shared
+    return masked_combine(base, deltas, weights, consensus=consensus, zero_sum=zero_sum,
+                          normalize=shared["normalize"], lam=shared["lambda"])  # fmt: skip
 
 
-def masked_mix(task, base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
-               consensus: bool, zero_sum: str) -> torch.Tensor:  # fmt: skip
-    """Steps 3-5 on weighted deltas already masked (the random sparsifiers' path)."""
-    mixed = torch.stack(deltas).sum(0) if len(deltas) > 1 else deltas[0].clone()
-    if consensus:
-        positive = mixed >= 0 if zero_sum == "positive" else mixed > 0
-        negative = mixed < 0
-        divisor = torch.zeros_like(mixed)
-        out = torch.zeros_like(mixed)
-        for w, d in zip(weights, deltas):
-            agrees = torch.where(positive, d > 0, negative & (d < 0))
-            out += torch.where(agrees, d, 0)
-            divisor += agrees.to(mixed.dtype) * w
-        mixed = out
-        divisor = torch.where(divisor == 0, 1, divisor)
-    else:
-        total = sum(weights)
-        divisor = 1.0 if abs(total) < 1e-8 else total
-    if task.shared["normalize"]:
-        mixed = mixed / divisor
-    return base + task.shared["lambda"] * mixed
+def masked_combine(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
+                   **options: Any) -> torch.Tensor:  # fmt: skip
+    """Steps 3-5 on deltas already masked and rescaled (DELLA's and SCE's path): the fused
+    combine of the deltas about a zero base (τ − 0 = τ exactly), then added to the base."""
+    mixed = ops.gta_combine(torch.zeros_like(base), deltas, weights, **options)
+    return mixed.add_(base)
 
 
 def check_common(task) -> Optional[str]:

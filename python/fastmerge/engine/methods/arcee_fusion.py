@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ... import ops
 from ..registry import MergeMethod, register
 
 EPS = 1e-8
@@ -28,10 +29,14 @@ def importance(p: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def threshold(scores: torch.Tensor) -> torch.Tensor:
-    """median + 1.5 IQR of `scores`, from exact order statistics."""
-    flat = scores.reshape(-1)
-    n = flat.numel()
-    q1, median, q3 = (torch.kthvalue(flat, int(q * (n - 1)) + 1).values for q in (0.25, 0.5, 0.75))
+    """median + 1.5 IQR of the (non-negative) `scores`, from exact order statistics: the
+    ascending index ``int(q (n - 1))`` is the ``n - index``-th largest, one radix selection
+    (:func:`fastmerge.ops.magnitude_threshold`) each."""
+    n = scores.numel()
+    zero = torch.zeros_like(scores)
+    q1, median, q3 = (
+        ops.magnitude_threshold(zero, [scores], n - int(q * (n - 1)))[0] for q in (0.25, 0.5, 0.75)
+    )
     return median + 1.5 * (q3 - q1)
 
 

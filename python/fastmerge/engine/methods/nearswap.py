@@ -2,23 +2,23 @@
 
 Per entry, with a = base, b = the other model and ``t`` the distance scale (>= 0):
 ``w = clamp(t / max(|a − b|, 1e-6), 0, 1)`` and ``nearswap = w · b + (1 − w) · a``, so
-entries within t of each other take b and distant ones stay near a. Elementwise in
-float32, in place (two temporaries of the tensor's size). Reference:
+entries within t of each other take b and distant ones stay near a. One fused pass
+(:func:`fastmerge.ops.nearswap`, float32). mergekit evaluates ``t / d`` as
+``t · (1 / d)`` (torch's rule for a number over a tensor), fastmerge as a true division:
+the two differ by about one float32 rounding of the weight. Reference:
 https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001.
 """
 
 from __future__ import annotations
 
+from ... import ops
 from ..registry import MergeMethod, Parameter, register
 
 
 def merge(task, tensors, statistics=None):
     """The nearswap merge of one tensor (or of the same rows of both inputs)."""
     b = task.base_index
-    a, other = tensors[b], tensors[1 - b]
-    w = (a - other).abs_().clamp_(min=1e-6).reciprocal_().mul_(task.shared["t"]).clamp_(0, 1)
-    out = (1 - w).mul_(a)
-    return out.addcmul_(w, other)
+    return ops.nearswap(tensors[b], tensors[1 - b], task.shared["t"], out_dtype=task.dtype)
 
 
 METHOD = register(

@@ -6,7 +6,7 @@ entries with c > 1 take the mean of the contributing deltas:
 
     ram = base + Σ_i [|τ_i| > ε] · τ_i / max(c, 1).
 
-Elementwise (one pass over the inputs per expert). Reference: https://arxiv.org/abs/2601.13572.
+Elementwise torch passes (a few per expert). Reference: https://arxiv.org/abs/2601.13572.
 """
 
 from __future__ import annotations
@@ -32,15 +32,20 @@ def contributions(task, tensors) -> tuple[torch.Tensor, list[torch.Tensor], torc
 
 
 def merge(task, tensors, statistics=None, lambdas: Optional[list[float]] = None):
-    """The RAM merge of one tensor (``lambdas``: RAM+'s factors of the unique deltas)."""
+    """The RAM merge of one tensor (``lambdas``: RAM+'s factors of the unique deltas).
+
+    Where c = 1 only one model contributes, so Σ_i λ_i τ_i is its scaled delta; where
+    c > 1 the contributions are averaged: ``base + where(c == 1, Σ λ_i τ_i, Σ τ_i / c)``."""
     base, taus, counts = contributions(task, tensors)
-    unique = counts == 1
-    share = 1 / counts.clamp(min=1)
-    out = base.clone()
-    for i, tau in enumerate(taus):
-        factor = torch.where(unique, 1.0 if lambdas is None else lambdas[i], share)
-        out += tau * factor
-    return out
+    total = torch.zeros_like(base)
+    for tau in taus:
+        total += tau
+    if lambdas is None:
+        return total.div_(counts.clamp_(min=1)).add_(base)
+    unique = torch.zeros_like(base)
+    for lam, tau in zip(lambdas, taus):
+        unique.add_(tau, alpha=lam)
+    return torch.where(counts == 1, unique, total.div_(counts.clamp(min=1))).add_(base)
 
 
 def epsilon(default: float) -> Parameter:

@@ -8,12 +8,14 @@ With τ_i = θ_i − base (i = 1..N):
 2. **calculate**: model weights ``w_i = mean(τ_i²) / Σ_j mean(τ_j²)`` (uniform when the sum
    is below 1e-6);
 3. **erase**: elect the sign of Σ τ_i per entry (a sum of 0 elects +) and keep agreeing
-   entries: ``sce = base + Σ w_i m_i τ_i / max(Σ w_i m_i, 1e-6)``.
+   entries: ``sce = base + Σ w_i m_i τ_i / max(Σ w_i m_i, 1e-6)``. The election is on
+   the unweighted deltas (TIES elects on the weighted ones).
 
 The selection is one exact radix selection on the variances
-(:func:`fastmerge.ops.magnitude_threshold`); every entry tied with the threshold is kept
-(mergekit's top-k keeps exactly k). Reference: Wan et al. 2024,
-https://arxiv.org/abs/2408.07990.
+(:func:`fastmerge.ops.magnitude_threshold`; every entry tied with the threshold is kept,
+mergekit's top-k keeps exactly k); the energies come from one Gram pass
+(:func:`fastmerge.ops.gram`), the election and weighted mean from in-place torch passes.
+Reference: Wan et al. 2024, https://arxiv.org/abs/2408.07990.
 """
 
 from __future__ import annotations
@@ -25,10 +27,18 @@ from ..registry import MergeMethod, Parameter, register
 
 
 def select_mask(taus: list[torch.Tensor], topk: float) -> torch.Tensor:
-    """Where the variance across the models is among the top `topk` of the non-zero ones."""
-    stacked = torch.stack(taus)
-    var = stacked.var(0, unbiased=False)
-    del stacked
+    """Where the variance across the models is among the top `topk` of the non-zero ones
+    (two passes over the deltas, as torch.var: the mean, then the squared deviations)."""
+    mean = torch.zeros_like(taus[0])
+    for tau in taus:
+        mean += tau
+    mean /= len(taus)
+    var = torch.zeros_like(mean)
+    for tau in taus:
+        deviation = tau - mean
+        var.addcmul_(deviation, deviation)
+    var /= len(taus)
+    del mean
     k = int(torch.count_nonzero(var).item() * topk)
     if k == 0:
         return torch.zeros_like(var, dtype=torch.bool)
@@ -47,19 +57,27 @@ def merge(task, tensors, statistics=None):
         mask = select_mask(taus, topk) if topk > 0 else torch.zeros_like(base, dtype=torch.bool)
         for tau in taus:
             tau.mul_(mask)
-    energy = torch.tensor([tau.square().mean().item() if tau.numel() else 0.0 for tau in taus],
-                          dtype=torch.float64)  # fmt: skip
-    total = energy.sum().item()
-    weights = energy / total if abs(total) >= 1e-6 else torch.full_like(energy, 1 / len(taus))
-    total_tau = torch.stack(taus).sum(0) if len(taus) > 1 else taus[0]
-    positive = total_tau >= 0
-    merged = torch.zeros_like(base)
-    divisor = torch.zeros_like(base)
-    for w, tau in zip(weights.tolist(), taus):
+    n = max(base.numel(), 1)
+    energy = [x / n for x in torch.diagonal(ops.gram(taus)).tolist()]  # mean(τ_i²)
+    total = sum(energy)
+    weights = [e / total for e in energy] if abs(total) >= 1e-6 else [1 / len(taus)] * len(taus)
+    return erase(base, taus, weights)
+
+
+def erase(base: torch.Tensor, taus: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """``base + Σ w_i m_i τ_i / max(Σ w_i m_i, 1e-6)``, m_i: τ_i has the sign of Σ_j τ_j
+    (the election is on the unweighted deltas, unlike TIES', so this is not
+    :func:`fastmerge.ops.gta_combine`)."""
+    total = torch.zeros_like(base)
+    for tau in taus:
+        total += tau
+    positive = total >= 0
+    merged, divisor = total.zero_(), torch.zeros_like(base)
+    for w, tau in zip(weights, taus):
         agrees = torch.where(positive, tau > 0, tau < 0)
-        merged += tau * (w * agrees)
-        divisor += w * agrees
-    return base + merged / divisor.clamp(min=1e-6)
+        merged.add_(tau.mul_(agrees), alpha=w)
+        divisor.add_(agrees, alpha=w)
+    return merged.div_(divisor.clamp_(min=1e-6)).add_(base)
 
 
 METHOD = register(
