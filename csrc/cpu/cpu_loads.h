@@ -3,6 +3,9 @@
 // (the x86-64-v3/v4 clones) it becomes one vector conversion instead of bit tricks.
 #pragma once
 
+#include <cstring>
+#include <type_traits>
+
 #include "fastmerge/dtypes.h"
 
 namespace fastmerge::cpu {
@@ -48,6 +51,29 @@ struct Element<kFloat16> {
   static inline void store(storage* p, int64_t i, compute v) { p[i] = float_to_half(v); }
 #endif
 };
+
+// The compute type of the fused elementwise kernels: float32 for the half types and
+// float32, double for float64.
+template <int32_t DT>
+using Compute = typename std::conditional<DT == kFloat64, double, float>::type;
+
+// Element j of a buffer of DT in the compute type, widened exactly without a detour
+// through double, so that the kernels' loops vectorize on every instruction set the
+// files are built for.
+template <int32_t DT>
+__attribute__((always_inline)) inline Compute<DT> load(const typename Element<DT>::storage* p,
+                                                       int64_t j) {
+  if constexpr (DT == kBFloat16) {
+    const uint32_t bits = static_cast<uint32_t>(p[j]) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  } else if constexpr (DT == kFloat16) {
+    return static_cast<float>(Element<DT>::load(p, j));
+  } else {
+    return p[j];
+  }
+}
 
 }  // namespace fastmerge::cpu
 

@@ -26,28 +26,9 @@ constexpr int64_t kBlock = 512;
 // Below this many input elements (base and experts) per thread a second thread does not pay.
 constexpr int64_t kMinElementsPerThread = 1 << 18;
 
-template <int32_t DT>
-using Compute = typename std::conditional<DT == kFloat64, double, float>::type;
-
 // The unsigned integer of a compute type's size: bit masks of the random test.
 template <typename C>
 using Bits = typename std::conditional<sizeof(C) == 8, uint64_t, uint32_t>::type;
-
-// Element j of a buffer of DT in the compute type, widened exactly (as in ties_combine.cpp).
-template <int32_t DT>
-__attribute__((always_inline)) inline Compute<DT> load(const typename Element<DT>::storage* p,
-                                                       int64_t j) {
-  if constexpr (DT == kBFloat16) {
-    const uint32_t bits = static_cast<uint32_t>(p[j]) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    return f;
-  } else if constexpr (DT == kFloat16) {
-    return static_cast<float>(Element<DT>::load(p, j));
-  } else {
-    return p[j];
-  }
-}
 
 // x where the mask's bits are all set, +0 where they are clear: a bit mask, not a select,
 // so that the loops vectorize without AVX-512 mask registers too.

@@ -32,27 +32,6 @@ constexpr int64_t kSampleChunks = 64;
 constexpr int64_t kSampleChunk = 512;
 constexpr int64_t kSampleMinElements = 1 << 18;
 
-template <int32_t DT>
-using Compute = typename std::conditional<DT == kFloat64, double, float>::type;
-
-// Element j of a buffer of DT, widened exactly to the compute type (float32 for the half
-// types and float32, double for float64), without a detour through double: these loops
-// must vectorize to a few instructions per element.
-template <int32_t DT>
-__attribute__((always_inline)) inline Compute<DT> load(const typename Element<DT>::storage* p,
-                                                       int64_t j) {
-  if constexpr (DT == kBFloat16) {
-    const uint32_t bits = static_cast<uint32_t>(p[j]) << 16;
-    float f;
-    memcpy(&f, &bits, sizeof(f));
-    return f;
-  } else if constexpr (DT == kFloat16) {
-    return static_cast<float>(Element<DT>::load(p, j));
-  } else {
-    return p[j];
-  }
-}
-
 // keys[j] = key of |expert[j0 + j] - base[j0 + j]|; b: the base block in the compute type.
 template <int32_t DT>
 __attribute__((always_inline)) inline void block_keys(

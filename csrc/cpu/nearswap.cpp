@@ -29,23 +29,6 @@ constexpr int64_t kMinElementsPerThread = 1 << 17;
 // Thread ranges start at multiples of this many elements (whole cache lines of output).
 constexpr int64_t kAlign = 64;
 
-// Element j of a buffer of DT as float (double for float64), exactly and without a detour
-// through double, so that the widening loops vectorize (as in ties_combine.cpp).
-template <int32_t DT>
-__attribute__((always_inline)) inline auto load(const typename Element<DT>::storage* p,
-                                                int64_t j) {
-  if constexpr (DT == kBFloat16) {
-    const uint32_t bits = static_cast<uint32_t>(p[j]) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    return f;
-  } else if constexpr (DT == kFloat16) {
-    return static_cast<float>(Element<DT>::load(p, j));
-  } else {
-    return p[j];
-  }
-}
-
 template <typename C, int32_t DT>
 __attribute__((always_inline)) inline void widen(C* dst, const void* x, int64_t j0,
                                                  int64_t len) {

@@ -22,27 +22,6 @@ constexpr int64_t kBlock = 512;
 // Below this many input elements (base and experts) per thread a second thread does not pay.
 constexpr int64_t kMinElementsPerThread = 1 << 18;
 
-template <int32_t DT>
-using Compute = typename std::conditional<DT == kFloat64, double, float>::type;
-
-// Element j of a buffer of DT in the compute type (float32 for the half types and
-// float32, double for float64), widened exactly without a detour through double, so
-// that the loops below vectorize on every instruction set the file is built for.
-template <int32_t DT>
-__attribute__((always_inline)) inline Compute<DT> load(const typename Element<DT>::storage* p,
-                                                       int64_t j) {
-  if constexpr (DT == kBFloat16) {
-    const uint32_t bits = static_cast<uint32_t>(p[j]) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    return f;
-  } else if constexpr (DT == kFloat16) {
-    return static_cast<float>(Element<DT>::load(p, j));
-  } else {
-    return p[j];
-  }
-}
-
 // x where c holds, else +0: a bit mask, not a select or a bool-to-float conversion, so
 // that compilers vectorize it without AVX-512 mask registers too (no branch per entry).
 template <typename C>

@@ -24,6 +24,7 @@
 #include "fastmerge/dtypes.h"
 #include "fastmerge/gram.h"
 #include "gram.h"
+#include "rounding.cuh"
 
 namespace fastmerge::cuda {
 namespace {
@@ -56,9 +57,6 @@ struct GramArgs {
   double* workspace;
   double* out;
 };
-
-__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
-__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
 
 template <typename C>
 __device__ __forceinline__ C load(const void* x, int64_t code, int64_t i) {

@@ -9,16 +9,12 @@
 #include "cuda_check.h"
 #include "fastmerge/dtypes.h"
 #include "weighted_sum.h"
+#include "rounding.cuh"
 
 namespace fastmerge::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 template <typename C>
 __device__ __forceinline__ C load(const void* x, int64_t code, int64_t i) {

@@ -9,8 +9,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ import fastmerge
 from fastmerge.reference.nearswap import nearswap as reference
 
 from ..conftest import backend_params
+from .ptx import triton_kernels_checked
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 PAIRS = list(itertools.product(DTYPES, DTYPES))
@@ -357,29 +356,6 @@ def test_bad_input_names_the_argument():
         fastmerge.ops.nearswap(a, a, 0.5, backend="gpu")
 
 
-NO_FMA_SCRIPT = textwrap.dedent(
-    """
-    import re
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from fastmerge.kernels import nearswap
-
-    for name, (kernel, signature, constexprs) in nearswap.AOT_SIGNATURES.items():
-        compiled = triton.compile(
-            ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-            target=GPUTarget("cuda", 90, 32),
-            options=nearswap.COMPILE_OPTIONS,
-        )
-        ptx = compiled.asm["ptx"]
-        assert not re.search(r"\\bfma\\.", ptx), name
-        assert re.search(r"\\bdiv\\.rn\\.f(32|64)\\b", ptx), name
-        assert not re.search(r"\\bdiv\\.(full|approx)\\.", ptx), name
-        print("checked", name)
-    """
-)
-
-
 @pytest.mark.aot
 @pytest.mark.triton
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA toolkit on this machine")
@@ -387,12 +363,7 @@ def test_triton_kernel_compiles_without_fma_and_with_ieee_division():
     """On a GPU the Triton kernel must round like the reference: no fused multiply-add,
     and t / d the IEEE division (Triton's float32 `/` is the approximate div.full)."""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", NO_FMA_SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("checked") == 8
+    assert triton_kernels_checked("nearswap") == 8
 
 
 @pytest.mark.aot

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -15,6 +11,7 @@ import fastmerge
 from fastmerge.reference.ties_combine import ties_combine as reference
 
 from ..conftest import backend_params
+from .ptx import triton_kernels_checked
 from .test_magnitude_threshold import DTYPES, _inputs, _sizes
 
 
@@ -120,28 +117,6 @@ def test_bad_input_names_the_argument():
         fastmerge.ops.ties_combine(base, [], torch.zeros(0))
 
 
-NO_FMA_SCRIPT = textwrap.dedent(
-    """
-    import re
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from fastmerge.kernels import ties_combine
-
-    for name, (kernel, signature, constexprs) in ties_combine.AOT_SIGNATURES.items():
-        compiled = triton.compile(
-            ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-            target=GPUTarget("cuda", 90, 32),
-            options=ties_combine.COMPILE_OPTIONS,
-        )
-        ptx = compiled.asm["ptx"]
-        assert not re.search(r"\\bfma\\.", ptx), name
-        assert re.search(r"div\\.rn\\.f(32|64)", ptx), name
-        print("checked", name)
-    """
-)
-
-
 @pytest.mark.aot
 @pytest.mark.triton
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA toolkit on this machine")
@@ -149,9 +124,4 @@ def test_triton_combine_compiles_without_fma_and_with_exact_division():
     """On a GPU the Triton combine must round like the reference: no fused multiply-add
     (the launch options disable it) and a correctly rounded division."""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", NO_FMA_SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("checked") >= 4
+    assert triton_kernels_checked("ties_combine") >= 4

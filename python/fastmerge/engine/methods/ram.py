@@ -31,12 +31,17 @@ def contributions(task, tensors) -> tuple[torch.Tensor, list[torch.Tensor], torc
     return base, taus, counts
 
 
-def merge(task, tensors, statistics=None, lambdas: Optional[list[float]] = None):
-    """The RAM merge of one tensor (``lambdas``: RAM+'s factors of the unique deltas).
+def merge(task, tensors, statistics=None):
+    """The RAM merge of one tensor."""
+    return combine(*contributions(task, tensors))
+
+
+def combine(base: torch.Tensor, taus: list[torch.Tensor], counts: torch.Tensor,
+            lambdas: Optional[list[float]] = None) -> torch.Tensor:  # fmt: skip
+    """RAM from the contributions (``lambdas``: RAM+'s factors of the unique deltas).
 
     Where c = 1 only one model contributes, so Σ_i λ_i τ_i is its scaled delta; where
     c > 1 the contributions are averaged: ``base + where(c == 1, Σ λ_i τ_i, Σ τ_i / c)``."""
-    base, taus, counts = contributions(task, tensors)
     total = torch.zeros_like(base)
     for tau in taus:
         total += tau

@@ -9,23 +9,22 @@ max(its unique contributing entries, ε), counted over the whole tensor (``r``, 
 from __future__ import annotations
 
 from ..registry import MergeMethod, Parameter, register
-from .ram import contributions, epsilon
-from .ram import merge as ram_merge
+from .ram import combine, contributions, epsilon
 
 
 def merge(task, tensors, statistics=None):
     """The RAM+ merge of one tensor."""
-    _, taus, counts = contributions(task, tensors)
+    base, taus, counts = contributions(task, tensors)
     eps, r, alpha = task.shared["epsilon"], task.shared["r"], task.shared["alpha"]
+    unique_entries = counts == 1
     lambdas = []
     for tau in taus:
         live = tau != 0
-        shared = (live & (counts > 1)).sum().item()
-        unique = (live & (counts == 1)).sum().item()
-        rho = shared / max(unique, eps)
+        contributing = int(live.sum().item())
+        unique = int((live & unique_entries).sum().item())
+        rho = (contributing - unique) / max(unique, eps)  # shared / unique entries
         lambdas.append(1 + r * min(max(rho, 0.0), alpha))
-    del taus, counts
-    return ram_merge(task, tensors, lambdas=lambdas)
+    return combine(base, taus, counts, lambdas)
 
 
 METHOD = register(
