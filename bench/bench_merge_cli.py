@@ -548,7 +548,6 @@ def run_methods(args) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     machine = machine_info()
     result["machine"], result["shape"] = machine, SMALL if args.small else SHAPE
-    text = merge_methods.report(result, machine)
     results = HERE / "results"
     name = "merge_methods-cpu" if args.name == "merge_cli-cpu" else args.name
     previous = results / f"{name}.json"
@@ -558,6 +557,7 @@ def run_methods(args) -> int:
         result["methods"] = earlier["methods"]
         result["help_s"] = earlier["help_s"] + result["help_s"]
         result["load_before"] = earlier["load_before"]
+    text = merge_methods.report(result, machine)
     (results / f"{name}.md").write_text(text)
     (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     if any("speedup" in r for r in result["methods"].values()):
