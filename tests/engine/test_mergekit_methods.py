@@ -171,3 +171,27 @@ def test_random_methods_match_mergekit_in_distribution(tuned, method):
                     ), k
             sigma = (total * density * (1 - density)) ** 0.5
             assert abs(kept - total * density) <= 3 * sigma
+
+
+@pytest.mark.parametrize("method", ["slerp", "ties", "breadcrumbs", "nearswap"])
+def test_row_block_merges_equal_whole_tensor_merges(tuned, tmp_path, method):
+    """Tensors above block_bytes are merged in row blocks with whole-tensor statistics:
+    the same tensors as merging each tensor at once."""
+    from fastmerge import engine
+
+    from .test_mergekit_parity import _tensors
+
+    params = {"t": 0.3} if method in ("slerp", "nearswap") else {"density": 0.4, "weight": 1.0}
+    if method == "nearswap":
+        params["t"] = 0.01
+    models = ["x"] if method in ("slerp", "nearswap") else ["x", "y", "s"]
+    config = {"merge_method": method, "base_model": str(tuned / "base"),
+              "models": [{"model": str(tuned / m)} for m in models], "parameters": params,
+              "dtype": "float32"}  # fmt: skip
+    cfg = engine.parse_config(config)
+    engine.run(cfg, tmp_path / "whole")
+    engine.run(cfg, tmp_path / "blocks", block_bytes=256)  # every matrix in blocks of rows
+    whole, blocks = _tensors(tmp_path / "whole"), _tensors(tmp_path / "blocks")
+    assert sorted(whole) == sorted(blocks)
+    for k in whole:
+        assert torch.equal(whole[k], blocks[k]), k

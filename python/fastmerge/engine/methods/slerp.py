@@ -8,8 +8,8 @@ over the layers, as usual): θ = arccos(⟨a, b⟩ / (‖a‖‖b‖)) and
 falling back to ``(1 − t) a + t b`` when the tensors are nearly colinear
 (|cos θ| > 0.9995, mergekit's threshold) and taking a norm below 1e-8 as 1, as mergekit
 does. Two passes: the 2×2 Gram matrix in float64 (:func:`fastmerge.ops.gram`; mergekit
-sums in float32), then one weighted sum. Reference: Shoemake 1985,
-https://en.wikipedia.org/wiki/Slerp.
+sums in float32), then one weighted sum (in row blocks for large tensors). Reference:
+Shoemake 1985, https://en.wikipedia.org/wiki/Slerp.
 """
 
 from __future__ import annotations
@@ -36,11 +36,17 @@ def coefficients(t: float, g) -> tuple[float, float]:
     return math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
+def statistics(task, base, others) -> tuple[float, float]:
+    """The coefficients of the whole tensor (for a merge in row blocks)."""
+    return coefficients(task.shared["t"], gram([base, next(iter(others))]))
+
+
 def merge(task, tensors, statistics=None):
-    """The SLERP of one tensor (base first in the coefficients)."""
+    """The SLERP of one tensor, or of the same rows of both inputs given the whole
+    tensor's coefficients (base first)."""
     b = task.base_index
     pair = [tensors[b], tensors[1 - b]]
-    ca, cb = coefficients(task.shared["t"], gram(pair))
+    ca, cb = statistics if statistics is not None else coefficients(task.shared["t"], gram(pair))
     return combine(pair, torch.tensor([ca, cb], dtype=torch.float64), task.dtype)
 
 
@@ -63,6 +69,6 @@ METHOD = register(
         min_models=2,
         max_models=2,
         merge=merge,
-        blockwise=lambda task: False,
+        statistics=statistics,
     )
 )
