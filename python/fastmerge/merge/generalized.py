@@ -33,7 +33,7 @@ from .. import ops
 from .._dtypes import KERNEL_DTYPE_CODES
 from ..io._memory import empty_tensor
 from ._select import Patterns, StateDict, check_models, key_selector, load_key, mergeable
-from .static import _mask_seed, dare, task_arithmetic
+from .static import dare, mask_seed, task_arithmetic
 from .ties import keep_count
 
 TRIMS = (None, "magnitude", "random")
@@ -243,7 +243,7 @@ class TensorMerge:
                 thr = thresholds[t].to(device=b.device, dtype=dtype)
                 tau = torch.where(tau.abs() >= thr, tau, torch.zeros_like(tau))
             elif self.trim == "random" and self.d[t] < 1.0:
-                gen = torch.Generator().manual_seed(_mask_seed(self.seed, key, t))
+                gen = torch.Generator().manual_seed(mask_seed(self.seed, key, t))
                 keep = (torch.rand(tau.shape, generator=gen) >= 1.0 - self.d[t]).to(tau.device)
                 tau = torch.where(keep, tau / self.d[t], torch.zeros_like(tau))
             deltas.append(tau * self.w[t])

@@ -171,7 +171,7 @@ def dare(
     keep_scale = 1.0 / (1.0 - drop)
 
     def dropped(key: str, t: int, tau: torch.Tensor) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(_mask_seed(seed, key, t))
+        gen = torch.Generator().manual_seed(mask_seed(seed, key, t))
         keep = torch.rand(tau.shape, generator=gen) >= drop
         return torch.where(keep.to(tau.device), tau * keep_scale, torch.zeros_like(tau))
 
@@ -224,7 +224,12 @@ def _sum_of_deltas(base, experts, scale, include, exclude, transform) -> dict[st
     return merge_selected(base, experts, include, exclude, merge_key)
 
 
-def _mask_seed(seed: int, key: str, expert: int) -> int:
-    """A 63-bit generator seed from (seed, key, expert index), stable across runs."""
+def mask_seed(seed: int, key: str, expert: int) -> int:
+    """A 63-bit generator seed from (seed, key, expert index), stable across runs.
+
+    Example:
+        >>> mask_seed(0, "w", 1) == mask_seed(0, "w", 1) != mask_seed(0, "w", 2)
+        True
+    """
     digest = hashlib.blake2b(f"{int(seed)}\0{expert}\0{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1

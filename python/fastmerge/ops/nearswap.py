@@ -32,6 +32,7 @@ from .._dtypes import KERNEL_DTYPE_CODES, dtype_names
 from .._tensors import TensorLike, as_tensor
 from ..reference import nearswap as reference
 from ..reference.nearswap import compute_dtype
+from ._outputs import check_out, new_output, overlaps
 
 
 def nearswap(
@@ -91,17 +92,18 @@ def nearswap(
         raise TypeError(f"out_dtype is {out_dtype}; supported dtypes are {dtype_names()}")
     shape, device = a.shape, a.device
     if out is None:
-        out = _new_output(shape, out_dtype or a.dtype, device)
+        out = new_output(shape, out_dtype or a.dtype, device)
     else:
-        _check_out(out, out_dtype, shape, device)
+        check_out(out, out_dtype, shape, device, "a and b")
     name = backends.resolve_backend(backend, device)
     if out.numel() == 0:
         return out
     x, y = (v.reshape(-1) for v in (a, b))
     x, y = (v if v.is_contiguous() else v.contiguous() for v in (x, y))
     out_flat = out.view(-1)
-    _check_overlap(x, "a", out_flat)
-    _check_overlap(y, "b", out_flat)
+    for label, tensor in (("a", x), ("b", y)):
+        if overlaps(tensor, out_flat):
+            raise ValueError(f"out overlaps {label}; it may only be {label} itself")
     with torch.no_grad():
         _IMPLEMENTATIONS[name](x, y, value, dtype, out_flat)
     return out
@@ -126,40 +128,6 @@ def _check_t(t: float) -> float:
     if not math.isfinite(value):
         raise ValueError(f"t is {value}; t must be finite")
     return value
-
-
-def _new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A new output; a large CPU one in memory whose pages fault in cheaply (huge pages)."""
-    if device.type == "cpu":
-        from ..io._memory import empty_tensor  # a helper of the allocator only
-
-        return empty_tensor(shape, dtype)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _check_out(out, out_dtype, shape, device) -> None:
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if out.dtype not in KERNEL_DTYPE_CODES:
-        raise TypeError(f"out has dtype {out.dtype}; supported dtypes are {dtype_names()}")
-    if out_dtype is not None and out.dtype != out_dtype:
-        raise ValueError(f"out has dtype {out.dtype} but out_dtype is {out_dtype}")
-    if out.shape != shape:
-        raise ValueError(f"out has shape {tuple(out.shape)} but a and b have {tuple(shape)}")
-    if out.device != device:
-        raise ValueError(f"out is on {out.device} but a and b are on {device}")
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
-
-
-def _check_overlap(tensor: torch.Tensor, name: str, out: torch.Tensor) -> None:
-    """`out` may be an input exactly (read and written element by element), nothing else."""
-    start = out.data_ptr()
-    end = start + out.numel() * out.element_size()
-    t_start = tensor.data_ptr()
-    t_end = t_start + tensor.numel() * tensor.element_size()
-    if t_start < end and start < t_end and not (t_start == start and tensor.dtype == out.dtype):
-        raise ValueError(f"out overlaps {name}; it may only be {name} itself")
 
 
 def _run_reference(a, b, t, dtype, out) -> None:

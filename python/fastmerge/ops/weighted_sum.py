@@ -26,6 +26,7 @@ from .._dtypes import KERNEL_DTYPE_CODES, dtype_names
 from .._tensors import TensorLike, as_tensor_list
 from ..reference import weighted_sum as reference
 from ..reference.weighted_sum import accumulate_dtype
+from ._outputs import check_out, new_output, overlaps
 
 
 def weighted_sum(
@@ -89,29 +90,21 @@ def weighted_sum(
     if out_dtype is not None and out_dtype not in KERNEL_DTYPE_CODES:
         raise TypeError(f"out_dtype is {out_dtype}; supported dtypes are {dtype_names()}")
     if out is None:
-        out = _new_output(shape, out_dtype or ts[0].dtype, device)
+        out = new_output(shape, out_dtype or ts[0].dtype, device)
     else:
-        _check_out(out, out_dtype, shape, device)
+        check_out(out, out_dtype, shape, device, "the tensors")
     name = backends.resolve_backend(backend, device)
     if out.numel() == 0:
         return out
     flat = [t.reshape(-1) for t in ts]
     flat = [t if t.is_contiguous() else t.contiguous() for t in flat]
     out_flat = out.view(-1)
-    _check_overlap(flat, out_flat)
+    for i, t in enumerate(flat):
+        if overlaps(t, out_flat):
+            raise ValueError(f"out overlaps tensors[{i}]; it may only be one of the inputs itself")
     with torch.no_grad():
         _IMPLEMENTATIONS[name](flat, ws, dtype, out_flat)
     return out
-
-
-def _new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A new output; a large CPU one in memory whose pages fault in cheaply (huge pages):
-    for a streamed merge the first touch of a fresh output costs more than the sum."""
-    if device.type == "cpu":
-        from ..io._memory import empty_tensor  # a helper of the allocator only
-
-        return empty_tensor(shape, dtype)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _accumulate_dtype(ts: list[torch.Tensor], requested: Optional[torch.dtype]) -> torch.dtype:
@@ -142,32 +135,6 @@ def _check_weights(weights: Sequence[float], count: int) -> list[float]:
             raise ValueError(f"weights[{i}] is {value}; weights must be finite")
         values.append(value)
     return values
-
-
-def _check_out(out, out_dtype, shape, device) -> None:
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if out.dtype not in KERNEL_DTYPE_CODES:
-        raise TypeError(f"out has dtype {out.dtype}; supported dtypes are {dtype_names()}")
-    if out_dtype is not None and out.dtype != out_dtype:
-        raise ValueError(f"out has dtype {out.dtype} but out_dtype is {out_dtype}")
-    if out.shape != shape:
-        raise ValueError(f"out has shape {tuple(out.shape)} but the tensors have {tuple(shape)}")
-    if out.device != device:
-        raise ValueError(f"out is on {out.device} but the tensors are on {device}")
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
-
-
-def _check_overlap(tensors: list[torch.Tensor], out: torch.Tensor) -> None:
-    """`out` may be an input exactly (read and written element by element), nothing else."""
-    start = out.data_ptr()
-    end = start + out.numel() * out.element_size()
-    for i, t in enumerate(tensors):
-        t_start = t.data_ptr()
-        t_end = t_start + t.numel() * t.element_size()
-        if t_start < end and start < t_end and not (t_start == start and t.dtype == out.dtype):
-            raise ValueError(f"out overlaps tensors[{i}]; it may only be one of the inputs itself")
 
 
 def _run_reference(ts, ws, dtype, out) -> None:

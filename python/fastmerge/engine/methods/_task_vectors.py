@@ -28,13 +28,13 @@ with a per-row sort first and combined with torch ops.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
 from ... import ops
+from ...merge.static import mask_seed
 from ...reference.gta_combine import GOLDEN, MASK64
 from ..registry import MergeMethod, Parameter
 
@@ -101,39 +101,29 @@ def _kth_largest(base: torch.Tensor, experts: list[torch.Tensor], ks: list[int])
     return out
 
 
-def mask_seed(seed: int, key: str, expert: int) -> int:
-    """A 63-bit generator seed from (seed, tensor name, expert index), stable across runs.
-
-    Example:
-        >>> mask_seed(0, "w", 1) == mask_seed(0, "w", 1) != mask_seed(0, "w", 2)
-        True
-    """
-    digest = hashlib.blake2b(f"{int(seed)}\0{expert}\0{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 def _uniform(shape, seed: int, device) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(shape, generator=gen).to(device)
 
 
-def _della_mask(tau: torch.Tensor, density: float, epsilon: float, seed: int) -> torch.Tensor:
-    """DELLA's MAGPRUNE mask: per row (dim 1 of a 2-D view; a 1-D tensor is one row), the
+def _della_mask(magnitude: torch.Tensor, density: float, epsilon: float, seed: int) -> torch.Tensor:
+    """DELLA's MAGPRUNE mask from |τ|: per row (dim 1 of a 2-D view; a 1-D tensor is one row), the
     entry of ascending magnitude rank r of C is kept with probability
     ``density - ε + 2ε (r - 1) / (C - 1)``."""
-    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], tau.shape[1], -1)
+    m = magnitude
+    rows = m.reshape(1, -1) if m.dim() < 2 else m.reshape(m.shape[0], m.shape[1], -1)
     if rows.dim() == 3:  # mergekit ranks along dim 1 of the original tensor
-        rows = rows.transpose(1, 2).reshape(-1, tau.shape[1])
+        rows = rows.transpose(1, 2).reshape(-1, magnitude.shape[1])
     width = rows.shape[1]
-    order = torch.argsort(rows.abs(), dim=1)
+    order = torch.argsort(rows, dim=1)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(width, device=rows.device).expand_as(order))
     rank_norm = ranks.to(torch.float32) / max(width - 1, 1)
     probs = (density - epsilon) + rank_norm * (2 * epsilon)
     keep = _uniform(rows.shape, seed, rows.device) < probs
-    if tau.dim() > 2:
-        keep = keep.reshape(tau.shape[0], -1, tau.shape[1]).transpose(1, 2)
-    return keep.reshape(tau.shape)
+    if magnitude.dim() > 2:
+        keep = keep.reshape(magnitude.shape[0], -1, magnitude.shape[1]).transpose(1, 2)
+    return keep.reshape(magnitude.shape)
 
 
 def select(task, base: torch.Tensor, experts, sparsify: Optional[str]) -> Selection:
@@ -186,14 +176,17 @@ def _select_one(task, t: int, p: dict, base: torch.Tensor, expert: torch.Tensor,
             upper, lower = _kth_largest(
                 base, [expert, expert], [n - bottom - target + 1, n - bottom]
             )
-    elif sparsify == "della_magprune":
-        mask = _della_mask(expert - base, d, p["epsilon"], mask_seed(task.seed, task.name, t))
+    magnitude = None  # |τ|, computed once for DELLA's ranks and the L1 rescale
+    if sparsify == "della_magprune":
+        magnitude = (expert - base).abs_()
+        mask = _della_mask(magnitude, d, p["epsilon"], mask_seed(task.seed, task.name, t))
     scale = 1.0
     if task.shared["rescale"]:
         if task.shared["rescale_rule"] == "density":
             scale = 1.0 / d
         else:
-            magnitude = (expert - base).abs_()
+            if magnitude is None:
+                magnitude = (expert - base).abs_()
             before = magnitude.sum().item()  # float32, cascaded (mergekit: the same)
             if sparsify == "random":
                 after = _random_kept_l1(base, expert, d, seed, t, magnitude)
