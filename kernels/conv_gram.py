@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 BLOCK = 32
 BLOCK_M = 32
 #: float32 steps summed before each move into the float64 accumulator (1,024 samples).
@@ -193,9 +195,11 @@ def conv_gram(x: torch.Tensor, y: torch.Tensor, geometry: list[int]) -> torch.Te
     per_slice = triton.cdiv(triton.cdiv(samples, slices), MIN_SLICE) * MIN_SLICE
     slices = triton.cdiv(samples, per_slice)
     grid = (triton.cdiv(cols, BLOCK), triton.cdiv(rows, BLOCK), slices)
-    conv_gram_kernel[grid](
+    launch(
+        conv_gram_kernel, grid, x.device,
         x, y, out, samples, per_slice, c_in, h, w, c_out, h_out, w_out, kh, kw, sh, sw,
         ph, pw, dh, dw,
+        axes=("column tiles", "row tiles (features / 32)", "sample slices"),
         HAS_BIAS=int(bias), F64=x.dtype == torch.float64, BLOCK=BLOCK, BLOCK_M=BLOCK_M,
         FLUSH=FLUSH,
     )  # fmt: skip

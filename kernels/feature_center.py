@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._tables import TRITON_DTYPES
 
 BLOCK_R = 32
@@ -65,7 +66,10 @@ def feature_center(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> t
     splits = max(1, triton.cdiv(rows, ROWS_PER_SPLIT))
     partials = torch.zeros((splits, 2, cols), dtype=torch.float64, device=x.device)
     if cols > 0 and rows > 0:
-        feature_center_kernel[(splits, triton.cdiv(cols, BLOCK_C))](
+        launch(
+            feature_center_kernel,
+            (splits, triton.cdiv(cols, BLOCK_C)),
+            x.device,
             x,
             shift,
             out,
@@ -78,6 +82,7 @@ def feature_center(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> t
             OUT=TRITON_DTYPES[out.dtype],
             BLOCK_R=BLOCK_R,
             BLOCK_C=BLOCK_C,
+            axes=("row splits", f"column tiles ({BLOCK_C} columns each)"),
         )
     return partials.sum(0)
 

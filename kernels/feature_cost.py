@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 #: Kind codes, as in fastmerge/ops/feature_cost.py and feature_cost.h.
 KINDS = {"covariance": 0, "correlation": 1, "inner_product": 2, "neg_sq_distance": 3}
 #: Variance below this fraction of the mean square around the shift counts as 0.
@@ -97,7 +99,10 @@ def feature_cost(
     if rows == 0 or cols == 0:
         return out
     grid = (triton.cdiv(rows, BLOCK_R), triton.cdiv(cols, BLOCK_C))
-    feature_cost_kernel[grid](
+    launch(
+        feature_cost_kernel,
+        grid,
+        cross.device,
         cross,
         sum_a,
         sum_b,
@@ -112,6 +117,7 @@ def feature_cost(
         KIND=kind,
         BLOCK_R=BLOCK_R,
         BLOCK_C=BLOCK_C,
+        axes=(f"row tiles ({BLOCK_R} rows each)", f"column tiles ({BLOCK_C} columns each)"),
     )
     return out
 

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._tables import CHUNK_SIZE, TRITON_DTYPES, int64_on
 
 #: Elements of one program's (KP, KP, BLOCK) product tile.
@@ -184,16 +185,37 @@ def gram(
         splits = max(1, min(MAX_ROW_SPLITS, triton.cdiv(rows, SPLIT_ROWS)))
         split_rows = triton.cdiv(rows, splits)
         partials = torch.empty((splits, cols, k, k), dtype=torch.float64, device=device)
-        gram_columns_kernel[(triton.cdiv(cols, block), splits)](
-            addresses, codes, base_arg, partials, rows, cols, split_rows, k, **common
+        launch(
+            gram_columns_kernel,
+            (triton.cdiv(cols, block), splits),
+            device,
+            addresses,
+            codes,
+            base_arg,
+            partials,
+            rows,
+            cols,
+            split_rows,
+            k,
+            **common,
         )
         return partials.sum(dim=0)
     segments, length = (1, rows * cols) if mode == "whole" else (rows, cols)
     chunks = max(1, min(MAX_CHUNKS, triton.cdiv(length, CHUNK_SIZE)))
     chunk_length = triton.cdiv(length, chunks)
     partials = torch.empty((segments, chunks, k, k), dtype=torch.float64, device=device)
-    gram_segments_kernel[(segments, chunks)](
-        addresses, codes, base_arg, partials, length, chunk_length, k, **common
+    launch(
+        gram_segments_kernel,
+        (segments, chunks),
+        device,
+        addresses,
+        codes,
+        base_arg,
+        partials,
+        length,
+        chunk_length,
+        k,
+        **common,
     )
     return partials.sum(dim=1)
 

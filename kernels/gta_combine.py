@@ -20,8 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+from ._rounding import to_out as _to_out
 from ._tables import TRITON_DTYPES, int64_on
-from .ties_combine import _divide, _to_out
+from .ties_combine import _divide
 
 BLOCK = 1024
 #: Compile options of every launch: every product is rounded before it is added.
@@ -151,7 +153,10 @@ def gta_combine(
     dtype into `out`; params: (4, T) in the compute dtype, random: int64 (2, T) or None."""
     n = base.numel()
     scalars = torch.tensor([lam, 1e-8], dtype=params.dtype).to(base.device)
-    gta_combine_kernel[(triton.cdiv(n, BLOCK),)](
+    launch(
+        gta_combine_kernel,
+        (triton.cdiv(n, BLOCK),),
+        base.device,
         base,
         int64_on([e.data_ptr() for e in experts], base.device),
         params,

@@ -3,7 +3,8 @@
 The base ``x W^T + b`` is one torch GEMM issued by the op; these two kernels add
 ``sum_t g_t (x V_t^T) U_t^T``:
 
-* ``lowrank_down_kernel``, grid (row tiles, rank tiles, tasks):
+* ``lowrank_down_kernel``, grid (row tiles, rank tiles, tasks, at most 65,535: past
+  that each program walks the tasks z, z + 65,535, ...):
   ``down[m, t r + k] = g[m // tokens, t] * (x[m] . vs[t, k])``;
 * ``lowrank_up_kernel``, grid (row tiles, output tiles): ``y[m] += down[m] U_all^T``.
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import GRID_LIMITS, launch
 
 BLOCK_M = 32  # rows per tile
 BLOCK_R = 32  # ranks per down tile
@@ -53,32 +56,33 @@ def lowrank_down_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    task = tl.program_id(2)
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     m_mask = m < rows
     k_mask = k < rank
     m64 = m.to(tl.int64)
-    gate = tl.load(gates_ptr + (m64 // tokens) * tasks + task, mask=m_mask, other=0.0).to(ACC)
-    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=ACC)
-    if tl.max(tl.abs(gate), 0) > 0:
-        v_rows = (task * rank + k).to(tl.int64) * d_in
-        for d0 in range(0, d_in, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            d_mask = d < d_in
-            x = tl.load(
-                x_ptr + m64[:, None] * d_in + d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            v = tl.load(
-                vs_ptr + v_rows[None, :] + d[:, None],
-                mask=d_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            acc = _multiply_add(acc, x.to(ACC), v.to(ACC), F64)
-    out = down_ptr + m64[:, None] * (tasks * rank) + (task * rank + k)[None, :]
-    tl.store(out, acc * gate[:, None], mask=m_mask[:, None] & k_mask[None, :])
+    for task in range(tl.program_id(2), tasks, tl.num_programs(2)):
+        gate = tl.load(gates_ptr + (m64 // tokens) * tasks + task, mask=m_mask, other=0.0)
+        gate = gate.to(ACC)
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=ACC)
+        if tl.max(tl.abs(gate), 0) > 0:
+            v_rows = (task * rank + k).to(tl.int64) * d_in
+            for d0 in range(0, d_in, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                d_mask = d < d_in
+                x = tl.load(
+                    x_ptr + m64[:, None] * d_in + d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                )
+                v = tl.load(
+                    vs_ptr + v_rows[None, :] + d[:, None],
+                    mask=d_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                acc = _multiply_add(acc, x.to(ACC), v.to(ACC), F64)
+        out = down_ptr + m64[:, None] * (tasks * rank) + (task * rank + k).to(tl.int64)[None, :]
+        tl.store(out, acc * gate[:, None], mask=m_mask[:, None] & k_mask[None, :])
 
 
 @triton.jit
@@ -146,13 +150,19 @@ def add_lowrank(
     acc = tl.float64 if f64 else tl.float32
     depth = BLOCK_D_F64 if f64 else BLOCK_D
     down = torch.empty((rows, tasks * rank), dtype=y.dtype, device=y.device)
-    lowrank_down_kernel[(triton.cdiv(rows, BLOCK_M), triton.cdiv(rank, BLOCK_R), tasks)](
+    down_grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(rank, BLOCK_R),
+                 min(tasks, GRID_LIMITS[2]))  # fmt: skip
+    launch(
+        lowrank_down_kernel, down_grid, x.device,
         x, vs, gates, down, rows, d_in, tasks, rank, tokens,
         ACC=acc, F64=f64, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_D=depth,
+        axes=(f"row tiles ({BLOCK_M} rows each)", f"rank tiles ({BLOCK_R} ranks each)", "tasks"),
     )  # fmt: skip
-    lowrank_up_kernel[(triton.cdiv(rows, BLOCK_M), triton.cdiv(d_out, BLOCK_O))](
+    launch(
+        lowrank_up_kernel, (triton.cdiv(rows, BLOCK_M), triton.cdiv(d_out, BLOCK_O)), x.device,
         down, us, gates, y, rows, d_out, tasks, rank, tokens,
         ACC=acc, F64=f64, BLOCK_M=BLOCK_M, BLOCK_O=BLOCK_O, BLOCK_D=depth,
+        axes=(f"row tiles ({BLOCK_M} rows each)", f"output tiles ({BLOCK_O} outputs each)"),
     )  # fmt: skip
 
 

@@ -5,7 +5,9 @@ cleared, as an int64: its order is the order of |τ|. The selection walks the ke
 the top in 11-bit digits (3 passes for float32 keys, 6 for float64). Each pass is one
 launch over (chunk, expert) programs: a program histograms, with ``tl.histogram``, the
 current digit of the keys whose higher digits equal the expert's prefix so far, and adds
-its 2,048 counts to the expert's global histogram with atomics. Between passes a few
+its 2,048 counts to the expert's global histogram (int64: one digit can hold more than
+2**31 keys) with atomics. Past 65,535 experts (the grid's y limit) each program walks
+the experts y, y + 65,535, .... Between passes a few
 torch ops on the device (no host sync) pick the digit holding the k-th largest key and
 the rank left inside it. The last prefix is the threshold's bit pattern: exact.
 """
@@ -16,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import GRID_LIMITS, launch
 from ._tables import TRITON_DTYPES, int64_on
 
 DIGIT_BITS = 11
@@ -32,8 +35,9 @@ def magnitude_histogram_kernel(
     base_ptr,  # DTYPE (n,)
     addresses_ptr,  # int64 (T,): data pointer of each expert
     prefix_ptr,  # int64 (T,): the higher digits selected so far, per expert
-    hist_ptr,  # int32 (T, BINS), zeroed: counts of the current digit
+    hist_ptr,  # int64 (T, BINS), zeroed: counts of the current digit
     n,
+    num_experts,
     shift,  # bit offset of the current digit
     DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,  # tl.float32 or tl.float64
@@ -43,22 +47,27 @@ def magnitude_histogram_kernel(
     BLOCK: tl.constexpr,
 ):
     chunk = tl.program_id(0)
-    t = tl.program_id(1)
-    expert_ptr = tl.load(addresses_ptr + t).to(tl.pointer_type(DTYPE))
-    prefix = tl.load(prefix_ptr + t)
-    counts = tl.zeros([BINS], dtype=tl.int32)
     first = chunk.to(tl.int64) * CHUNK
-    for start in range(0, CHUNK, BLOCK):
-        offsets = first + start + tl.arange(0, BLOCK)
-        mask = offsets < n
-        b = tl.load(base_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
-        e = tl.load(expert_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
-        key = _magnitude_key(e - b, COMPUTE)
-        top = key >> shift
-        digit = (top & (BINS - 1)).to(tl.int32)
-        match = mask & ((top >> DIGIT_BITS) == prefix)
-        counts += tl.histogram(digit, BINS, mask=match)
-    tl.atomic_add(hist_ptr + t * BINS + tl.arange(0, BINS), counts)
+    bins = tl.arange(0, BINS)
+    for t in range(tl.program_id(1), num_experts, tl.num_programs(1)):
+        expert_ptr = tl.load(addresses_ptr + t).to(tl.pointer_type(DTYPE))
+        prefix = tl.load(prefix_ptr + t)
+        counts = tl.zeros([BINS], dtype=tl.int32)  # at most CHUNK per bin
+        for start in range(0, CHUNK, BLOCK):
+            offsets = first + start + tl.arange(0, BLOCK)
+            mask = offsets < n
+            b = tl.load(base_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+            e = tl.load(expert_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+            key = _magnitude_key(e - b, COMPUTE)
+            top = key >> shift
+            match = mask & ((top >> DIGIT_BITS) == prefix)
+            # No `mask=` argument (Triton before 3.4 lacks it): the keys that do not match
+            # are counted in bin 0 and taken out of it again.
+            digit = tl.where(match, top & (BINS - 1), 0).to(tl.int32)
+            misses = BLOCK - tl.sum(match.to(tl.int32), axis=0)
+            counts += tl.histogram(digit, BINS) - tl.where(bins == 0, misses, 0)
+        row = (first * 0 + t) * BINS  # int64, and a tensor (the interpreter's t is an int)
+        tl.atomic_add(hist_ptr + row + bins, counts.to(tl.int64))
 
 
 @triton.jit
@@ -73,7 +82,7 @@ def _magnitude_key(tau, COMPUTE: tl.constexpr):
 
 def _select_digit(hist: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per expert, the digit holding the rank-th largest key and the rank left inside it."""
-    from_top = hist.to(torch.int64).flip(1).cumsum(1)  # [:, j]: keys in the top j + 1 bins
+    from_top = hist.flip(1).cumsum(1)  # [:, j]: keys in the top j + 1 bins
     index = (from_top < rank[:, None]).sum(1)  # bins entirely above the wanted key
     above = from_top.gather(1, (index - 1).clamp(min=0)[:, None]).squeeze(1)
     above = torch.where(index > 0, above, torch.zeros_like(above))
@@ -90,16 +99,20 @@ def magnitude_threshold(
     addresses = int64_on([e.data_ptr() for e in experts], device)
     prefix = torch.zeros(num_experts, dtype=torch.int64, device=device)
     rank = torch.full((num_experts,), k, dtype=torch.int64, device=device)
-    hist = torch.empty((num_experts, BINS), dtype=torch.int32, device=device)
-    grid = (triton.cdiv(n, CHUNK), num_experts)
+    hist = torch.empty((num_experts, BINS), dtype=torch.int64, device=device)
+    grid = (triton.cdiv(n, CHUNK), min(num_experts, GRID_LIMITS[1]))
     for shift in SHIFTS[compute]:
         hist.zero_()
-        magnitude_histogram_kernel[grid](
+        launch(
+            magnitude_histogram_kernel,
+            grid,
+            device,
             base,
             addresses,
             prefix,
             hist,
             n,
+            num_experts,
             shift,
             DTYPE=TRITON_DTYPES[base.dtype],
             COMPUTE=TRITON_DTYPES[compute],
@@ -107,6 +120,7 @@ def magnitude_threshold(
             DIGIT_BITS=DIGIT_BITS,
             CHUNK=CHUNK,
             BLOCK=BLOCK,
+            axes=(f"chunks of {CHUNK} entries", "experts"),
         )
         digit, rank = _select_digit(hist, rank)
         prefix = prefix * BINS + digit
@@ -122,8 +136,9 @@ AOT_SIGNATURES = {
             "base_ptr": f"*{name}",
             "addresses_ptr": "*i64",
             "prefix_ptr": "*i64",
-            "hist_ptr": "*i32",
+            "hist_ptr": "*i64",
             "n": "i64",
+            "num_experts": "i32",
             "shift": "i32",
             "DTYPE": "constexpr",
             "COMPUTE": "constexpr",

@@ -17,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+from ._rounding import to_out as _to_out  # the rounding to the output dtype, as torch does it
 from ._tables import TRITON_DTYPES
-from .weighted_sum import _to_out  # the rounding to the output dtype, as torch does it
 
 BLOCK = 1024
 #: Compile options of every launch: each product is rounded before it is added.
@@ -84,7 +85,10 @@ def nearswap(
     """Write the nearswap of flat, contiguous `a` and `b` into flat `out`, computed in
     `dtype` (float32 or float64)."""
     n = out.numel()
-    nearswap_kernel[(triton.cdiv(n, BLOCK),)](
+    launch(
+        nearswap_kernel,
+        (triton.cdiv(n, BLOCK),),
+        out.device,
         a.data_ptr(),
         _CODES[a.dtype],
         b.data_ptr(),

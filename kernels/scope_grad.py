@@ -13,6 +13,7 @@ import triton.language as tl
 
 from fastmerge._chunks import plan_chunks
 
+from ._launch import launch
 from ._tables import BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, group_by_dtype, int64_on
 
 
@@ -55,7 +56,10 @@ def scope_grad(tensors: list[torch.Tensor], coefficients: torch.Tensor) -> list[
         num_chunks = int(chunks.tensor.shape[0])
         if num_chunks == 0:
             continue
-        scope_grad_kernel[(num_chunks,)](
+        launch(
+            scope_grad_kernel,
+            (num_chunks,),
+            device,
             int64_on([tensors[i].data_ptr() for i in indices], device),
             int64_on([outputs[i].data_ptr() for i in indices], device),
             coefficients[:, indices].contiguous(),

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from fastmerge._chunks import plan_chunks
 
+from ._launch import launch
 from ._tables import BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, group_by_dtype, int64_on
 
 
@@ -63,7 +64,10 @@ def scope_stats(tensors: list[torch.Tensor]) -> torch.Tensor:
         if num_chunks == 0:
             continue
         partials = torch.empty((num_chunks, 3), dtype=torch.float64, device=device)
-        scope_stats_kernel[(num_chunks,)](
+        launch(
+            scope_stats_kernel,
+            (num_chunks,),
+            device,
             int64_on([tensors[i].data_ptr() for i in indices], device),
             int64_on(chunks.tensor, device),
             int64_on(chunks.begin, device),

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+from ._rounding import to_out as _to_out
 from ._tables import TRITON_DTYPES, int64_on
 
 BLOCK = 1024
@@ -56,23 +58,6 @@ def ties_combine_kernel(
 
 
 @triton.jit
-def _to_out(x, OUT: tl.constexpr):
-    """Round to OUT as torch does: the half types through float32, to nearest even (by
-    hand for bfloat16, which the interpreter would truncate)."""
-    if OUT == tl.float64:
-        y = x.to(tl.float64)
-    elif OUT == tl.float32:
-        y = x.to(tl.float32)
-    elif OUT == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        y = rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
-    else:
-        y = x.to(tl.float32).to(OUT)
-    return y
-
-
-@triton.jit
 def _divide(x, y, COMPUTE: tl.constexpr):
     """Correctly rounded x / y (float32 ``/`` may be approximate on the GPU)."""
     if COMPUTE == tl.float32:
@@ -100,7 +85,10 @@ def ties_combine(
 ) -> None:
     """Write the TIES merge of flat, contiguous inputs of one dtype into `out`."""
     n = base.numel()
-    ties_combine_kernel[(triton.cdiv(n, BLOCK),)](
+    launch(
+        ties_combine_kernel,
+        (triton.cdiv(n, BLOCK),),
+        base.device,
         base,
         int64_on([e.data_ptr() for e in experts], base.device),
         thresholds,

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+from ._rounding import to_out as _to_out
 from ._tables import TRITON_DTYPES, int64_on
 
 BLOCK = 1024
@@ -64,27 +66,6 @@ def _term(addresses_ptr, codes_ptr, weights_ptr, t, offsets, mask, COMPUTE: tl.c
     return w * x
 
 
-@triton.jit
-def _to_out(x, OUT: tl.constexpr):
-    """Round to OUT as torch does: the half types through float32, to nearest even (by
-    hand for bfloat16, which the interpreter would truncate)."""
-    if OUT == tl.float64:
-        y = x.to(tl.float64)
-    elif OUT == tl.float32:
-        y = x.to(tl.float32)
-    elif OUT == tl.bfloat16:
-        f = x.to(tl.float32)
-        bits = f.to(tl.int32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        # NaN stays a quiet NaN (rounding could carry it into infinity)
-        quiet = (bits >> 16) | 0x0040
-        is_nan = f != f
-        y = tl.where(is_nan, quiet, rounded).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    else:
-        y = x.to(tl.float32).to(OUT)
-    return y
-
-
 def weighted_sum(
     tensors: list[torch.Tensor], weights: list[float], dtype: torch.dtype, out: torch.Tensor
 ) -> None:
@@ -92,7 +73,10 @@ def weighted_sum(
     accumulated in `dtype` (float32 or float64)."""
     n = out.numel()
     device = out.device
-    weighted_sum_kernel[(triton.cdiv(n, BLOCK),)](
+    launch(
+        weighted_sum_kernel,
+        (triton.cdiv(n, BLOCK),),
+        device,
         int64_on([t.data_ptr() for t in tensors], device),
         torch.tensor([_CODES[t.dtype] for t in tensors], dtype=torch.int32).to(device),
         torch.tensor(weights, dtype=dtype).to(device),
