@@ -18,6 +18,9 @@ namespace py = pybind11;
 #ifndef FASTMERGE_CUDA_ARCHS
 #define FASTMERGE_CUDA_ARCHS ""
 #endif
+#ifndef FASTMERGE_PTX_ARCH
+#define FASTMERGE_PTX_ARCH ""
+#endif
 
 namespace {
 
@@ -201,4 +204,8 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("stream"));
   m.def("device_count", &fastmerge::cuda::device_count);
   m.attr("compiled_archs") = FASTMERGE_CUDA_ARCHS;
+  m.attr("ptx_arch") = FASTMERGE_PTX_ARCH;
+  m.attr("cuda_runtime_version") = fastmerge::cuda::runtime_version();
+  m.def("driver_version", &fastmerge::cuda::driver_version,
+        "Newest CUDA the installed driver supports (1000 * major + 10 * minor), 0 if none");
 }

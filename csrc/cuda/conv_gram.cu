@@ -5,6 +5,9 @@
 // each thread sums a 2 x 2 sub-tile in float64 and the slices are added with atomicAdd.
 #include <cuda_runtime.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "cuda_check.h"
 #include "fastmerge/conv_gram.h"
 #include "fastmerge/dtypes.h"
@@ -17,6 +20,7 @@ constexpr int kTileDim = 32;     // output tile: kTileDim x kTileDim entries
 constexpr int kThreadsDim = 16;  // 16 x 16 threads, 2 x 2 entries each
 constexpr int kStep = 16;        // samples per shared-memory step
 constexpr int64_t kMaxSlices = 65535;
+constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on grid.y (and grid.z)
 
 template <typename T>
 __global__ void __launch_bounds__(kThreadsDim* kThreadsDim)
@@ -88,6 +92,12 @@ void conv_gram(const void* x, const void* y, int32_t dtype, const int64_t* geome
   if (samples == 0) return;
   const int64_t row_tiles = (rows + kTileDim - 1) / kTileDim;
   const int64_t col_tiles = (cols + kTileDim - 1) / kTileDim;
+  if (row_tiles > kMaxGridY) {  // grid.y holds the row tiles; col_tiles > row_tiles < 2**31
+    throw std::invalid_argument("conv_gram: " + std::to_string(rows) +
+                                " features (c_in * kh * kw + bias) need " +
+                                std::to_string(row_tiles) +
+                                " row tiles, more than CUDA's grid.y limit of 65535");
+  }
   // Enough sample slices for about 4 blocks per SM on a large GPU, at least 256 samples each.
   const int64_t tiles = row_tiles * col_tiles;
   int64_t slices = (4 * 132 + tiles - 1) / tiles;

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <stdexcept>
+#include <string>
 
 #include "cuda_check.h"
 #include "fastmerge/dtypes.h"
@@ -192,6 +193,14 @@ void lowrank_mixture(const void* x, int32_t dtype, int64_t rows, int64_t d_in, i
                      const void* gates, void* down, void* y, uintptr_t stream) {
   if (rows <= 0 || d_out <= 0 || tasks <= 0 || rank <= 0 || tokens <= 0) return;
   if (tasks > 65535) throw std::invalid_argument("lowrank_mixture: at most 65535 tasks on CUDA");
+  // grid.y holds the rank tiles of the down launch and the output tiles of the up launch.
+  if ((rank + kDownRanks - 1) / kDownRanks > 65535 || (d_out + kUpCols - 1) / kUpCols > 65535) {
+    throw std::invalid_argument("lowrank_mixture: rank " + std::to_string(rank) + " and d_out " +
+                                std::to_string(d_out) + " must be at most " +
+                                std::to_string(65535 * kDownRanks) + " and " +
+                                std::to_string(65535 * kUpCols) +
+                                " on CUDA (grid.y holds 65535 tiles)");
+  }
   auto s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case kFloat16:

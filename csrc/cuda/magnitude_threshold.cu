@@ -7,7 +7,12 @@
 // histogram with atomics. A one-thread-per-expert launch then finds the digit holding the
 // k-th largest key, appends it to the prefix and keeps the rank left inside it; no host
 // synchronization. After the last pass the prefix is the threshold's bit pattern.
+// Past 65,535 experts (grid.y's limit) each block walks the experts y, y + gridDim.y, ....
 #include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "cuda_check.h"
 #include "fastmerge/dtypes.h"
@@ -21,6 +26,7 @@ constexpr int kBins = 1 << kDigitBits;
 constexpr int kThreads = 512;
 // Blocks per expert: enough to fill a GPU several times over, few enough global atomics.
 constexpr int64_t kMaxBlocksPerExpert = 256;
+constexpr int64_t kMaxGridY = 65535;
 
 // |tau|'s bits as an order-preserving unsigned key (the sign bit cleared).
 __device__ __forceinline__ uint64_t magnitude_key(float tau) {
@@ -33,27 +39,30 @@ __device__ __forceinline__ uint64_t magnitude_key(double tau) {
 template <int32_t DT, typename C>
 __global__ void __launch_bounds__(kThreads)
     magnitude_histogram_kernel(const void* __restrict__ base,
-                               const int64_t* __restrict__ expert_addresses, int64_t n,
-                               int shift, const uint64_t* __restrict__ prefix,
+                               const int64_t* __restrict__ expert_addresses,
+                               int64_t num_experts, int64_t n, int shift,
+                               const uint64_t* __restrict__ prefix,
                                uint32_t* __restrict__ hist) {
   __shared__ uint32_t counts[kBins];
-  for (int i = threadIdx.x; i < kBins; i += blockDim.x) counts[i] = 0;
-  __syncthreads();
-  const int t = blockIdx.y;
-  const void* expert = reinterpret_cast<const void*>(expert_addresses[t]);
-  const uint64_t wanted = prefix[t];
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += stride) {
-    const C b = static_cast<C>(load_as_double<DT>(base, i));
-    const C e = static_cast<C>(load_as_double<DT>(expert, i));
-    const uint64_t top = magnitude_key(e - b) >> shift;
-    if ((top >> kDigitBits) == wanted) atomicAdd(&counts[top & (kBins - 1)], 1u);
-  }
-  __syncthreads();
-  uint32_t* out = hist + static_cast<int64_t>(t) * kBins;
-  for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
-    if (counts[i] != 0) atomicAdd(&out[i], counts[i]);
+  for (int64_t t = blockIdx.y; t < num_experts; t += gridDim.y) {
+    for (int i = threadIdx.x; i < kBins; i += blockDim.x) counts[i] = 0;
+    __syncthreads();
+    const void* expert = reinterpret_cast<const void*>(expert_addresses[t]);
+    const uint64_t wanted = prefix[t];
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += stride) {
+      const C b = static_cast<C>(load_as_double<DT>(base, i));
+      const C e = static_cast<C>(load_as_double<DT>(expert, i));
+      const uint64_t top = magnitude_key(e - b) >> shift;
+      if ((top >> kDigitBits) == wanted) atomicAdd(&counts[top & (kBins - 1)], 1u);
+    }
+    __syncthreads();
+    uint32_t* out = hist + t * kBins;
+    for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
+      if (counts[i] != 0) atomicAdd(&out[i], counts[i]);
+    }
+    __syncthreads();  // the next expert zeroes `counts` only after every thread added it
   }
 }
 
@@ -107,13 +116,14 @@ void select(const void* base, const int64_t* expert_addresses, int64_t num_exper
   const unsigned blocks = static_cast<unsigned>(
       wanted_blocks < kMaxBlocksPerExpert ? wanted_blocks : kMaxBlocksPerExpert);
   const unsigned small = static_cast<unsigned>((num_experts + 127) / 128);
+  const unsigned expert_blocks =
+      static_cast<unsigned>(num_experts < kMaxGridY ? num_experts : kMaxGridY);
   start_kernel<<<small, 128, 0, stream>>>(num_experts, k, prefix, rank);
   for (int p = 0; p < passes; ++p) {
     check(cudaMemsetAsync(hist, 0, num_experts * kBins * sizeof(uint32_t), stream),
           "memset histogram");
-    magnitude_histogram_kernel<DT, C><<<dim3(blocks, static_cast<unsigned>(num_experts)),
-                                        kThreads, 0, stream>>>(base, expert_addresses, n,
-                                                               shifts[p], prefix, hist);
+    magnitude_histogram_kernel<DT, C><<<dim3(blocks, expert_blocks), kThreads, 0, stream>>>(
+        base, expert_addresses, num_experts, n, shifts[p], prefix, hist);
     select_digit_kernel<<<small, 128, 0, stream>>>(hist, num_experts, prefix, rank);
   }
   write_threshold_kernel<C><<<small, 128, 0, stream>>>(prefix, num_experts, static_cast<C*>(out));
@@ -125,6 +135,14 @@ void magnitude_threshold(const void* base, const int64_t* expert_addresses, int6
                          int64_t n, int32_t dtype, int64_t k, void* out, uint32_t* hist,
                          uint64_t* prefix, int64_t* rank, uintptr_t stream) {
   if (num_experts <= 0 || n <= 0 || k < 1 || k > n) return;
+  // The histograms count in 32 bits (the caller allocates them): past 2**32 - 1 entries
+  // one bin could wrap, and the selected digit would be wrong without any error.
+  if (n > static_cast<int64_t>(UINT32_MAX)) {
+    throw std::invalid_argument(
+        "magnitude_threshold: " + std::to_string(n) +
+        " entries per expert exceed the CUDA kernel's 32-bit histogram counts (at most "
+        "4294967295); use the triton backend (64-bit counts) or split the tensor");
+  }
   auto s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case kFloat16:

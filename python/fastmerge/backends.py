@@ -58,6 +58,58 @@ def cuda_extension() -> ModuleType:
     return module
 
 
+#: The oldest Linux driver of each CUDA major version (CUDA's minor version compatibility:
+#: a module built with CUDA X.y runs on any driver of major X from this release on).
+MIN_LINUX_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
+
+
+def cuda_version_text(version: int) -> str:
+    """CUDA's integer version (``1000 * major + 10 * minor``, as ``CUDART_VERSION`` and
+    ``cudaDriverGetVersion`` give it) as text.
+
+    Example:
+        >>> cuda_version_text(13000), cuda_version_text(12080)
+        ('13.0', '12.8')
+    """
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def cuda_driver_problem(runtime_version: int, driver_version: int) -> Optional[str]:
+    """Why a driver supporting CUDA `driver_version` (0: no driver) cannot run a module
+    built with CUDA `runtime_version`, or None when it can.
+
+    The rule is CUDA's minor version compatibility: the module carries machine code for
+    its archs and links the runtime statically, so any driver of the same major version
+    (or a newer one) runs it; only an older major version, or no driver, cannot.
+
+    Example:
+        >>> cuda_driver_problem(13000, 13020) is None, cuda_driver_problem(13000, 12080)[:30]
+        (True, 'the CUDA driver supports CUDA ')
+    """
+    built = cuda_version_text(runtime_version)
+    if driver_version <= 0:
+        return f"no CUDA driver found (fastmerge._cuda was built with CUDA {built})"
+    if driver_version // 1000 < runtime_version // 1000:
+        major = runtime_version // 1000
+        floor = MIN_LINUX_DRIVER.get(major)
+        need = f"a CUDA {major}.x driver" + (f" (Linux {floor} or newer)" if floor else "")
+        return (
+            f"the CUDA driver supports CUDA {cuda_version_text(driver_version)}, but "
+            f"fastmerge._cuda was built with CUDA {built} and needs {need}; update the "
+            "driver, or rebuild fastmerge with the toolkit the driver supports"
+        )
+    return None
+
+
+def _cuda_driver_error(module: ModuleType) -> Optional[str]:
+    """The driver problem of the built module, or None (also for a module built before
+    the versions were recorded, which cannot say)."""
+    runtime = getattr(module, "cuda_runtime_version", None)
+    if runtime is None or not hasattr(module, "driver_version"):
+        return None
+    return cuda_driver_problem(int(runtime), int(module.driver_version()))
+
+
 def triton_kernels() -> ModuleType:
     """The Triton kernels package ``fastmerge.kernels``; raises if triton is missing."""
     module, error = _import("triton")
@@ -87,7 +139,11 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
             return f"the cuda backend takes CUDA tensors, got tensors on {device}"
         if not torch.cuda.is_available():
             return "no CUDA GPU is available to torch"
-        return _extension_error(cuda_extension)
+        error = _extension_error(cuda_extension)
+        if error:
+            return error
+        # torch may run on a driver too old for the toolkit fastmerge._cuda was built with.
+        return _cuda_driver_error(cuda_extension())
     if backend == "triton":
         error = _extension_error(triton_kernels)
         if error:

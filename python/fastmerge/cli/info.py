@@ -16,6 +16,27 @@ def _extension_line(name: str, loader) -> str:
     return f"{name}: built ({module.__file__})"
 
 
+def cuda_requirement_lines(cuda) -> list[str]:
+    """Which CUDA `cuda` (the fastmerge._cuda module) needs, and whether this machine's
+    driver can run it: the reason from :func:`fastmerge.backends.cuda_driver_problem`."""
+    runtime = getattr(cuda, "cuda_runtime_version", None)
+    if runtime is None:
+        return ["CUDA runtime needed: unknown (fastmerge._cuda predates the version record)"]
+    major = int(runtime) // 1000
+    floor = backends.MIN_LINUX_DRIVER.get(major)
+    lines = [
+        f"CUDA runtime needed: built with CUDA {backends.cuda_version_text(int(runtime))} "
+        f"(static runtime); needs a CUDA {major}.x driver or newer"
+        + (f" (Linux {floor}+)" if floor else "")
+    ]
+    driver = int(cuda.driver_version())
+    problem = backends.cuda_driver_problem(int(runtime), driver)
+    seen = f"CUDA {backends.cuda_version_text(driver)}" if driver > 0 else "no driver"
+    verdict = "can run fastmerge._cuda" if problem is None else f"cannot run it: {problem}"
+    lines.append(f"CUDA driver: {seen}; {verdict}")
+    return lines
+
+
 def info_text() -> str:
     """A human-readable report of the installation.
 
@@ -28,10 +49,16 @@ def info_text() -> str:
     lines.append(_extension_line("fastmerge._cuda (cuda)", backends.cuda_extension))
     try:
         cuda = backends.cuda_extension()
-        lines.append(f"CUDA archs compiled in: {cuda.compiled_archs}")
-        lines.append(f"CUDA devices seen by fastmerge._cuda: {cuda.device_count()}")
     except backends.BackendUnavailableError:
-        pass
+        cuda = None
+    if cuda is not None:
+        ptx = getattr(cuda, "ptx_arch", "")
+        lines.append(
+            f"CUDA archs compiled in: {cuda.compiled_archs}"
+            + (f" (PTX for sm_{ptx}, JIT-compiled on newer GPUs)" if ptx else "")
+        )
+        lines.extend(cuda_requirement_lines(cuda))
+        lines.append(f"CUDA devices seen by fastmerge._cuda: {cuda.device_count()}")
     try:
         import triton
 
