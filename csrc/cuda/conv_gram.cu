@@ -87,17 +87,19 @@ void conv_gram(const void* x, const void* y, int32_t dtype, const int64_t* geome
   const int64_t rows = g.features();
   const int64_t cols = g.columns();
   if (rows == 0) return;
-  check(cudaMemsetAsync(out, 0, sizeof(double) * rows * cols, s), "conv_gram memset");
-  const int64_t samples = g.samples();
-  if (samples == 0) return;
   const int64_t row_tiles = (rows + kTileDim - 1) / kTileDim;
   const int64_t col_tiles = (cols + kTileDim - 1) / kTileDim;
-  if (row_tiles > kMaxGridY) {  // grid.y holds the row tiles; col_tiles > row_tiles < 2**31
+  // grid.y holds the row tiles (checked before any work is queued); grid.x, the column
+  // tiles, stays far below 2**31 - 1 whenever the (rows, cols) output fits in memory.
+  if (row_tiles > kMaxGridY) {
     throw std::invalid_argument("conv_gram: " + std::to_string(rows) +
                                 " features (c_in * kh * kw + bias) need " +
                                 std::to_string(row_tiles) +
                                 " row tiles, more than CUDA's grid.y limit of 65535");
   }
+  check(cudaMemsetAsync(out, 0, sizeof(double) * rows * cols, s), "conv_gram memset");
+  const int64_t samples = g.samples();
+  if (samples == 0) return;
   // Enough sample slices for about 4 blocks per SM on a large GPU, at least 256 samples each.
   const int64_t tiles = row_tiles * col_tiles;
   int64_t slices = (4 * 132 + tiles - 1) / tiles;
