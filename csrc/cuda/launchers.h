@@ -85,7 +85,7 @@ void gta_combine(const void* base, const int64_t* expert_addresses, int64_t num_
 int device_count();
 
 // CUDA versions as 1000 * major + 10 * minor: the toolkit the module was built with, and
-// the newest the installed driver supports (0 when there is no driver). See version.cu.
+// the newest the installed driver supports (0 when there is no driver). See version.cpp.
 int runtime_version();
 int driver_version();
 

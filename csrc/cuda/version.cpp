@@ -1,6 +1,7 @@
 // Which CUDA the module was built with and which CUDA the installed driver supports, so
 // that Python can tell "driver too old" (or "no driver") apart from a kernel failure and
-// report it before the first launch fails with an opaque error.
+// report it before the first launch fails with an opaque error. Host code only (a .cpp:
+// no kernel for nvcc, and nothing for tests/test_gpu_build.py's spill check to read).
 #include <cuda_runtime.h>
 
 #include "launchers.h"
