@@ -191,7 +191,11 @@ if [ "$dry" = 1 ] || [ "$built" = 0 ]; then
   stage "info" 20 5 "cd '$work' && '$py' -m fastmerge info | tee '$work/info.txt'"
   # Triton compiled for real on the GPU (the test conftest chooses the interpreter only by
   # default); -m cuda selects the cuda and triton-cuda parametrizations.
-  stage "tests-gpu" 150 45 "TRITON_INTERPRET=0 '$py' -m pytest tests -q -m cuda -p no:cacheprovider --junitxml='$work/tests-gpu.xml'"
+  # 698 tests, most of them compiling a Triton specialization first: spread over 8
+  # workers (pytest-xdist, in the image), one test file per worker to reuse what it compiled.
+  xdist=""
+  "$py" -c "import xdist" 2>/dev/null && xdist="-n 8 --dist loadfile"
+  stage "tests-gpu" 180 45 "TRITON_INTERPRET=0 '$py' -m pytest tests -q -m cuda $xdist -p no:cacheprovider --junitxml='$work/tests-gpu.xml'"
   stage "tests-build" 30 10 "'$py' -m pytest -q -p no:cacheprovider tests/test_cuda_requirements.py tests/test_gpu_build.py::test_cuda_extension_is_built_with_sm80_and_sm90"
   if [ "$cpu_tests" = 1 ]; then
     stage "tests-cpu" 300 120 "'$py' -m pytest tests -q -m 'not cuda and not dist' -p no:cacheprovider --junitxml='$work/tests-cpu.xml'"
@@ -200,7 +204,7 @@ if [ "$dry" = 1 ] || [ "$built" = 0 ]; then
   fi
   stage "device" 30 10 "'$py' '$root/bench/gpu_check_stages.py' device --json '$work/device.json'"
   for suite in scope_stats linear_assignment feature_stats least_squares lowrank_mixture; do
-    stage "bench:$suite" 40 15 "cd '$work' && '$py' -m fastmerge bench $suite --device cuda $quick --no-progress --json '$work/bench-$suite.json'"
+    stage "bench:$suite" 35 15 "cd '$work' && '$py' -m fastmerge bench $suite --device cuda $quick --no-progress --json '$work/bench-$suite.json'"
   done
   stage "merge" 150 60 "'$py' '$root/bench/gpu_check_stages.py' merge $small_merge --workdir '$work/merge' --json '$work/merge.json'; rc=\$?; rm -rf '$work/merge'; exit \$rc"
 else

@@ -223,9 +223,18 @@ def report_stage(stages: Path, work: Path, out: Path, header: list[str]) -> int:
         parts += ["## TIES merge (`fastmerge merge`, density 0.3, base + 3 experts)", ""]
         parts += [f"Models: {merge['parameters']} parameters; inputs {merge['input_bytes']:,} B."]
         parts += ["", "| device | wall s | merge s (wall - start-up) | rc |", "|---|---|---|---|"]
+        errors = []
         for device in ("cuda", "cpu"):
             d = merge.get(device, {})
             parts.append(f"| {device} | {d.get('wall_s')} | {d.get('merge_s')} | {d.get('rc')} |")
+            if d.get("error"):
+                errors += ["", f"`--device {device}` failed:", "", "```", d["error"].strip(), "```"]
+        parts += [
+            "",
+            "Start-up is `fastmerge merge --help`'s wall time; the cuda merge time includes "
+            "CUDA's context set-up.",
+            *errors,
+        ]
         if "cpu_over_cuda" in merge:
             parts += [
                 "",
