@@ -16,6 +16,7 @@
 #include <stdexcept>
 
 #include "cuda_check.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/dtypes.h"
 #include "launchers.h"
 
@@ -193,22 +194,10 @@ void lowrank_mixture(const void* x, int32_t dtype, int64_t rows, int64_t d_in, i
   if (rows <= 0 || d_out <= 0 || tasks <= 0 || rank <= 0 || tokens <= 0) return;
   if (tasks > 65535) throw std::invalid_argument("lowrank_mixture: at most 65535 tasks on CUDA");
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat16:
-      launch<kFloat16, float>(x, rows, d_in, d_out, tasks, rank, tokens, us, vs, gates, down, y, s);
-      break;
-    case kBFloat16:
-      launch<kBFloat16, float>(x, rows, d_in, d_out, tasks, rank, tokens, us, vs, gates, down, y,
-                               s);
-      break;
-    case kFloat32:
-      launch<kFloat32, float>(x, rows, d_in, d_out, tasks, rank, tokens, us, vs, gates, down, y, s);
-      break;
-    default:
-      launch<kFloat64, double>(x, rows, d_in, d_out, tasks, rank, tokens, us, vs, gates, down, y,
-                               s);
-      break;
-  }
+  dispatch_dtype(dtype, "lowrank_mixture: dtype", [&](auto tag) {
+    launch<decltype(tag)::code, typename decltype(tag)::compute>(x, rows, d_in, d_out, tasks, rank,
+                                                                 tokens, us, vs, gates, down, y, s);
+  });
   check(cudaGetLastError(), "lowrank_mixture launch");
 }
 

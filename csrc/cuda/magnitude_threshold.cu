@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda_check.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/dtypes.h"
 #include "launchers.h"
 
@@ -126,24 +127,10 @@ void magnitude_threshold(const void* base, const int64_t* expert_addresses, int6
                          uint64_t* prefix, int64_t* rank, uintptr_t stream) {
   if (num_experts <= 0 || n <= 0 || k < 1 || k > n) return;
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat16:
-      select<kFloat16, float>(base, expert_addresses, num_experts, n, k, out, hist, prefix, rank,
-                              s);
-      break;
-    case kBFloat16:
-      select<kBFloat16, float>(base, expert_addresses, num_experts, n, k, out, hist, prefix,
-                               rank, s);
-      break;
-    case kFloat32:
-      select<kFloat32, float>(base, expert_addresses, num_experts, n, k, out, hist, prefix, rank,
-                              s);
-      break;
-    default:
-      select<kFloat64, double>(base, expert_addresses, num_experts, n, k, out, hist, prefix,
-                               rank, s);
-      break;
-  }
+  dispatch_dtype(dtype, "magnitude_threshold: dtype", [&](auto tag) {
+    select<decltype(tag)::code, typename decltype(tag)::compute>(
+        base, expert_addresses, num_experts, n, k, out, hist, prefix, rank, s);
+  });
   check(cudaGetLastError(), "magnitude_threshold launch");
 }
 
