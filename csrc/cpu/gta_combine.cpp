@@ -222,12 +222,15 @@ void gta_combine(const void* base, const std::vector<const void*>& experts, int6
   if (n <= 0 || num_experts == 0) return;
   Args args{base,   experts.data(), num_experts, params, random, offset, consensus,
             drop_zero_sum, normalize, lam, 0.0, out};
-  const CombineFn fn = dispatch_dtypes(
-      dtype, "gta_combine: dtype", out_dtype, "gta_combine: out_dtype",
-      [&](auto in, auto out) -> CombineFn {
-        args.divisor = weight_sum<typename decltype(in)::compute>(params, num_experts);
-        return combine_clone<decltype(in)::code, decltype(out)::code>;
-      });
+  args.divisor = dispatch_dtype(dtype, "gta_combine: dtype", [&](auto in) {
+    return weight_sum<typename decltype(in)::compute>(params, num_experts);
+  });
+  const CombineFn fn = dispatch_dtypes(dtype, "gta_combine: dtype", out_dtype,
+                                       "gta_combine: out_dtype",
+                                       [](auto in, auto out) -> CombineFn {
+                                         return combine_clone<decltype(in)::code,
+                                                              decltype(out)::code>;
+                                       });
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   std::vector<int64_t> prefix(blocks + 1);
   for (int64_t i = 0; i <= blocks; ++i) prefix[i] = std::min(i * kBlock, n) * (num_experts + 1);

@@ -239,6 +239,8 @@ void gram(const int64_t* table, int64_t count, const void* base, int32_t base_dt
   if (splits > 1 && workspace == nullptr) {
     throw std::invalid_argument("gram: splits > 1 needs a workspace");
   }
+  // The kernel dispatches the base per entry, where it cannot throw: check it here.
+  if (base != nullptr) check_dtype(base_dtype, "gram: base_dtype");
   if (count <= 0 || rows <= 0 || cols <= 0) return;  // the caller handles empty vectors
 
   GramArgs a{};

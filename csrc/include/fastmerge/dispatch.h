@@ -82,10 +82,11 @@ template <int32_t... Codes>
 [[noreturn]] __attribute__((noinline, cold)) void throw_unsupported_dtype(DTypes<Codes...>,
                                                                           const char* name,
                                                                           int64_t code) {
-  std::string message =
-      std::string(name) + " has unsupported dtype code " + std::to_string(code) + "; supported codes are";
+  std::string message = std::string(name) + " has unsupported dtype code " +
+                        std::to_string(code) + "; supported codes are";
   const char* sep = " ";
-  ((message += sep + std::to_string(Codes) + " (" + dtype_code_name(Codes) + ")", sep = ", "), ...);
+  ((message += sep + std::to_string(Codes) + " (" + dtype_code_name(Codes) + ")", sep = ", "),
+   ...);
   throw UnsupportedDType(message);
 }
 
@@ -114,6 +115,31 @@ template <int32_t... Codes, class Code, class F>
 FM_DISPATCH_INLINE decltype(auto) dispatch_in(DTypes<Codes...>, Code code, const char* name,
                                               F& f) {
   return dispatch_from<DTypes<Codes...>, Codes...>(code, name, f);
+}
+
+// The full set as a switch, the shape the kernels had: per-entry device dispatches (a tensor
+// table's codes) then compile to the same code as before.
+FM_NO_EXEC_CHECK
+template <class Code, class F>
+FM_DISPATCH_INLINE decltype(auto) dispatch_in(AllDTypes, Code code, const char* name, F& f) {
+  switch (code) {
+    case kFloat16:
+      return f(DTypeTag<kFloat16>{});
+    case kBFloat16:
+      return f(DTypeTag<kBFloat16>{});
+    case kFloat32:
+      return f(DTypeTag<kFloat32>{});
+#if defined(__CUDA_ARCH__)
+    default:
+      (void)name;
+      return f(DTypeTag<kFloat64>{});
+#else
+    case kFloat64:
+      return f(DTypeTag<kFloat64>{});
+    default:
+      throw_unsupported_dtype(AllDTypes{}, name, static_cast<int64_t>(code));
+#endif
+  }
 }
 
 }  // namespace detail
@@ -147,12 +173,22 @@ inline void check_dtype(int64_t code, const char* name) {
 
 #if defined(__CUDACC__)
 // Element i of a buffer whose dtype code the kernel reads at run time (from a tensor table),
-// as C. The code is uniform across the grid, so the dispatch never diverges.
+// as C; the code is uniform across the grid, so this never diverges. Written out as the
+// switch the kernels had rather than through dispatch_dtype: through the lambda nvcc
+// schedules the float32 kernels' loads differently (same values, other code), and without
+// a GPU here to time them the kernels keep their code.
 template <typename C, class Code>
 __device__ __forceinline__ C load_any(const void* x, Code code, int64_t i) {
-  return dispatch_dtype(code, "dtype", [&](auto tag) {
-    return static_cast<C>(load_as_double<decltype(tag)::code>(x, i));
-  });
+  switch (code) {
+    case kFloat16:
+      return static_cast<C>(load_as_double<kFloat16>(x, i));
+    case kBFloat16:
+      return static_cast<C>(load_as_double<kBFloat16>(x, i));
+    case kFloat32:
+      return static_cast<C>(load_as_double<kFloat32>(x, i));
+    default:
+      return static_cast<C>(load_as_double<kFloat64>(x, i));
+  }
 }
 #endif
 
