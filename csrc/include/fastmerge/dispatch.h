@@ -78,10 +78,16 @@ inline const char* dtype_code_name(int32_t code) {
 }
 
 // Out of line and cold: the dispatch stays a few compares in the loops that run it per block.
+// noipa also keeps GCC from making a private clone of it in every file (one weak copy is left
+// per module).
+#if defined(__GNUC__) && !defined(__clang__)
+#define FM_COLD_PATH __attribute__((noipa, cold))
+#else
+#define FM_COLD_PATH __attribute__((noinline, cold))
+#endif
 template <int32_t... Codes>
-[[noreturn]] __attribute__((noinline, cold)) void throw_unsupported_dtype(DTypes<Codes...>,
-                                                                          const char* name,
-                                                                          int64_t code) {
+[[noreturn]] FM_COLD_PATH void throw_unsupported_dtype(DTypes<Codes...>, const char* name,
+                                                       int64_t code) {
   std::string message = std::string(name) + " has unsupported dtype code " +
                         std::to_string(code) + "; supported codes are";
   const char* sep = " ";
