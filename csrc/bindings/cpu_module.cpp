@@ -24,6 +24,7 @@
 #include "../cpu/scope_stats.h"
 #include "../cpu/ties_combine.h"
 #include "../cpu/weighted_sum.h"
+#include "dtype_errors.h"
 #include "fastmerge/parallel.h"
 
 namespace py = pybind11;
@@ -130,6 +131,7 @@ int64_t scope_stats_tensors(const py::list& tensors, const py::dict& dtype_codes
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastmerge CPU kernels (raw-pointer interface; use fastmerge.* instead)";
+  fastmerge::register_dtype_errors();
   m.def("scope_stats", &scope_stats, py::arg("data"), py::arg("numels"), py::arg("dtypes"),
         py::arg("out"),
         "Write mean, std, count rows (float64, 3 x n) of n contiguous buffers to `out`.");
@@ -231,9 +233,6 @@ PYBIND11_MODULE(_C, m) {
       "lowrank_gate_scale",
       [](uintptr_t z, int32_t dtype, int64_t rows, int64_t tasks, int64_t rank,
          int64_t z_row_stride, uintptr_t gates, int64_t gate_row_stride, int64_t tokens) {
-        if (dtype != fastmerge::kFloat32 && dtype != fastmerge::kFloat64) {
-          throw std::invalid_argument("lowrank_gate_scale takes float32 or float64 buffers");
-        }
         py::gil_scoped_release release;
         fastmerge::cpu::lowrank_gate_scale(reinterpret_cast<void*>(z), dtype, rows, tasks, rank,
                                            z_row_stride, reinterpret_cast<const void*>(gates),
@@ -247,9 +246,6 @@ PYBIND11_MODULE(_C, m) {
       [](bool scatter_add, uintptr_t dst, int64_t dst_row_stride, uintptr_t src,
          int64_t src_row_stride, uintptr_t index, int64_t count, int64_t tokens, int64_t cols,
          int32_t dtype) {
-        if (dtype != fastmerge::kFloat32 && dtype != fastmerge::kFloat64) {
-          throw std::invalid_argument("lowrank_rows takes float32 or float64 buffers");
-        }
         const auto* idx = reinterpret_cast<const int64_t*>(index);
         py::gil_scoped_release release;
         if (scatter_add) {

@@ -12,6 +12,7 @@
 #include "../cuda/launchers.h"
 #include "../cuda/nearswap.h"
 #include "../cuda/weighted_sum.h"
+#include "dtype_errors.h"
 
 namespace py = pybind11;
 
@@ -33,6 +34,7 @@ T* ptr(uintptr_t address) {
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "fastmerge CUDA kernels (raw-pointer interface; use fastmerge.* instead)";
+  fastmerge::register_dtype_errors();
   m.def(
       "scope_stats",
       [](uintptr_t tensor_table, int64_t num_tensors, uintptr_t chunk_table, int64_t num_chunks,

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu_loads.h"  // FM_CPU_CLONES
+#include "fastmerge/dispatch.h"
 #include "fastmerge/dtypes.h"
 #include "fastmerge/parallel.h"
 
@@ -94,11 +95,10 @@ void run(const T* x, const T* y, const ConvGeometry& g, double* out) {
 
 void conv_gram(const void* x, const void* y, int32_t dtype, const ConvGeometry& geometry,
                double* out) {
-  if (dtype == kFloat64) {
-    run(static_cast<const double*>(x), static_cast<const double*>(y), geometry, out);
-  } else {
-    run(static_cast<const float*>(x), static_cast<const float*>(y), geometry, out);
-  }
+  dispatch_dtype<FloatDTypes>(dtype, "conv_gram: dtype", [&](auto tag) {
+    using T = typename decltype(tag)::compute;  // float32 / float64 buffers, as they are
+    run(static_cast<const T*>(x), static_cast<const T*>(y), geometry, out);
+  });
 }
 
 }  // namespace fastmerge::cpu

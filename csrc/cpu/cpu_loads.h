@@ -6,6 +6,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "fastmerge/dispatch.h"
 #include "fastmerge/dtypes.h"
 
 namespace fastmerge::cpu {
@@ -52,10 +53,10 @@ struct Element<kFloat16> {
 #endif
 };
 
-// The compute type of the fused elementwise kernels: float32 for the half types and
-// float32, double for float64.
+// The compute type of the fused elementwise kernels (the dispatch tag's): float32 for the
+// half types and float32, double for float64.
 template <int32_t DT>
-using Compute = typename std::conditional<DT == kFloat64, double, float>::type;
+using Compute = typename DTypeTag<DT>::compute;
 
 // Element j of a buffer of DT in the compute type, widened exactly without a detour
 // through double, so that the kernels' loops vectorize on every instruction set the

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "cpu_loads.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/parallel.h"
 
 namespace fastmerge::cpu {
@@ -70,36 +71,21 @@ __attribute__((always_inline)) inline void center_rows(const void* x, int64_t x_
   }
 }
 
-using CenterFn = void (*)(const void*, int64_t, int64_t, int64_t, int64_t, const void*, void*,
-                          int64_t, double*, double*);
+template <int32_t DT, typename O>
+FM_CPU_CLONES void center_clone(const void* x, int64_t xs, int64_t r0, int64_t r1, int64_t cols,
+                                const void* s, void* out, int64_t os, double* s1, double* s2) {
+  center_rows<DT, O>(x, xs, r0, r1, cols, static_cast<const O*>(s), out, os, s1, s2);
+}
 
-#define FM_CENTER_CLONE(NAME, DT, O)                                                         \
-  FM_CPU_CLONES void NAME(const void* x, int64_t xs, int64_t r0, int64_t r1, int64_t cols,   \
-                          const void* s, void* out, int64_t os, double* s1, double* s2) {    \
-    center_rows<DT, O>(x, xs, r0, r1, cols, static_cast<const O*>(s), out, os, s1, s2);      \
-  }
-FM_CENTER_CLONE(center_f16_f32, kFloat16, float)
-FM_CENTER_CLONE(center_bf16_f32, kBFloat16, float)
-FM_CENTER_CLONE(center_f32_f32, kFloat32, float)
-FM_CENTER_CLONE(center_f64_f32, kFloat64, float)
-FM_CENTER_CLONE(center_f16_f64, kFloat16, double)
-FM_CENTER_CLONE(center_bf16_f64, kBFloat16, double)
-FM_CENTER_CLONE(center_f32_f64, kFloat32, double)
-FM_CENTER_CLONE(center_f64_f64, kFloat64, double)
-#undef FM_CENTER_CLONE
+using CenterFn = decltype(&center_clone<kFloat32, float>);
 
+// The output is float32 or float64 only: the centred features feed float GEMMs.
 CenterFn center_for(int32_t dtype, int32_t out_dtype) {
-  const bool f64 = out_dtype == kFloat64;
-  switch (dtype) {
-    case kFloat16:
-      return f64 ? center_f16_f64 : center_f16_f32;
-    case kBFloat16:
-      return f64 ? center_bf16_f64 : center_bf16_f32;
-    case kFloat32:
-      return f64 ? center_f32_f64 : center_f32_f32;
-    default:
-      return f64 ? center_f64_f64 : center_f64_f32;
-  }
+  return dispatch_dtypes<AllDTypes, FloatDTypes>(
+      dtype, "feature_center: dtype", out_dtype, "feature_center: out_dtype",
+      [](auto x, auto o) -> CenterFn {
+        return center_clone<decltype(x)::code, typename decltype(o)::compute>;
+      });
 }
 
 }  // namespace

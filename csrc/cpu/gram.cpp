@@ -4,8 +4,8 @@
 // double row of a small k x kBlock buffer (minus the base block, subtracted in the compute
 // type), and the pair products are taken from there with simple vectorizable loops: a dot
 // product per pair over the block (whole buffer, rows), or a product per pair and column
-// added into per-column accumulators (columns). The dtype switch runs per (block, input),
-// outside the inner loops.
+// added into per-column accumulators (columns). The dtype dispatch runs per (block, input),
+// outside the inner loops; gram() checks the codes before the workers start.
 #include "gram.h"
 
 #include <algorithm>
@@ -13,6 +13,7 @@
 #include <string>
 
 #include "cpu_loads.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/gram.h"
 #include "fastmerge/parallel.h"
 
@@ -70,38 +71,16 @@ template <typename C>
 FM_INLINE void stage(const Inputs& in, int64_t offset, int64_t len, double* xb, C* bb) {
   const C* b = nullptr;
   if (in.base != nullptr) {
-    switch (in.base_dtype) {
-      case kFloat16:
-        load_base<C, kFloat16>(bb, in.base, offset, len);
-        break;
-      case kBFloat16:
-        load_base<C, kBFloat16>(bb, in.base, offset, len);
-        break;
-      case kFloat32:
-        load_base<C, kFloat32>(bb, in.base, offset, len);
-        break;
-      default:
-        load_base<C, kFloat64>(bb, in.base, offset, len);
-        break;
-    }
+    dispatch_dtype(in.base_dtype, "gram: base_dtype", [&](auto tag) FM_INLINE_LAMBDA {
+      load_base<C, decltype(tag)::code>(bb, in.base, offset, len);
+    });
     b = bb;
   }
   for (int64_t i = 0; i < in.k; ++i) {
     double* dst = xb + i * kBlock;
-    switch (in.dtypes[i]) {
-      case kFloat16:
-        load_x<C, kFloat16>(dst, in.data[i], offset, len, b);
-        break;
-      case kBFloat16:
-        load_x<C, kBFloat16>(dst, in.data[i], offset, len, b);
-        break;
-      case kFloat32:
-        load_x<C, kFloat32>(dst, in.data[i], offset, len, b);
-        break;
-      default:
-        load_x<C, kFloat64>(dst, in.data[i], offset, len, b);
-        break;
-    }
+    dispatch_dtype(in.dtypes[i], "gram: dtypes", [&](auto tag) FM_INLINE_LAMBDA {
+      load_x<C, decltype(tag)::code>(dst, in.data[i], offset, len, b);
+    });
   }
 }
 
@@ -262,6 +241,8 @@ void gram(const std::vector<const void*>& inputs, const std::vector<int32_t>& dt
   if (dtypes.size() != inputs.size()) {
     throw std::invalid_argument("gram: dtypes and inputs differ in length");
   }
+  for (const int32_t code : dtypes) check_dtype(code, "gram: dtypes");
+  if (base != nullptr) check_dtype(base_dtype, "gram: base_dtype");
   const int64_t batch = gram_batch(mode, rows, cols);
   if (k == 0 || batch <= 0) return;
   if (gram_length(mode, rows, cols) <= 0) {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu_loads.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/keep_hash.h"
 #include "fastmerge/parallel.h"
 
@@ -196,30 +197,9 @@ __attribute__((always_inline)) inline void combine_range(const Args& a, int64_t 
 
 using CombineFn = void (*)(const Args&, int64_t, int64_t, void*);
 
-#define FM_GTA_CLONE(NAME, DT, OUT)                                                       \
-  FM_CPU_CLONES void NAME(const Args& a, int64_t i0, int64_t i1, void* scratch) {         \
-    combine_range<DT, OUT>(a, i0, i1, scratch);                                           \
-  }
-#define FM_GTA_CLONES(SUFFIX, DT)                        \
-  FM_GTA_CLONE(gta_##SUFFIX##_f16, DT, kFloat16)         \
-  FM_GTA_CLONE(gta_##SUFFIX##_bf16, DT, kBFloat16)       \
-  FM_GTA_CLONE(gta_##SUFFIX##_f32, DT, kFloat32)         \
-  FM_GTA_CLONE(gta_##SUFFIX##_f64, DT, kFloat64)
-FM_GTA_CLONES(f16, kFloat16)
-FM_GTA_CLONES(bf16, kBFloat16)
-FM_GTA_CLONES(f32, kFloat32)
-FM_GTA_CLONES(f64, kFloat64)
-#undef FM_GTA_CLONES
-#undef FM_GTA_CLONE
-
-CombineFn combine_for(int32_t dtype, int32_t out_dtype) {
-  static const CombineFn table[4][4] = {
-      {gta_f16_f16, gta_f16_bf16, gta_f16_f32, gta_f16_f64},
-      {gta_bf16_f16, gta_bf16_bf16, gta_bf16_f32, gta_bf16_f64},
-      {gta_f32_f16, gta_f32_bf16, gta_f32_f32, gta_f32_f64},
-      {gta_f64_f16, gta_f64_bf16, gta_f64_f32, gta_f64_f64},
-  };
-  return table[dtype][out_dtype];
+template <int32_t DT, int32_t OUT>
+FM_CPU_CLONES void combine_clone(const Args& a, int64_t i0, int64_t i1, void* scratch) {
+  combine_range<DT, OUT>(a, i0, i1, scratch);
 }
 
 // Sum of the weights from 0 in order, in C; 1 where its magnitude is below C(1e-8).
@@ -242,9 +222,15 @@ void gta_combine(const void* base, const std::vector<const void*>& experts, int6
   if (n <= 0 || num_experts == 0) return;
   Args args{base,   experts.data(), num_experts, params, random, offset, consensus,
             drop_zero_sum, normalize, lam, 0.0, out};
-  args.divisor = dtype == kFloat64 ? weight_sum<double>(params, num_experts)
-                                   : weight_sum<float>(params, num_experts);
-  const CombineFn fn = combine_for(dtype, out_dtype);
+  args.divisor = dispatch_dtype(dtype, "gta_combine: dtype", [&](auto in) {
+    return weight_sum<typename decltype(in)::compute>(params, num_experts);
+  });
+  const CombineFn fn = dispatch_dtypes(dtype, "gta_combine: dtype", out_dtype,
+                                       "gta_combine: out_dtype",
+                                       [](auto in, auto out) -> CombineFn {
+                                         return combine_clone<decltype(in)::code,
+                                                              decltype(out)::code>;
+                                       });
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   std::vector<int64_t> prefix(blocks + 1);
   for (int64_t i = 0; i <= blocks; ++i) prefix[i] = std::min(i * kBlock, n) * (num_experts + 1);

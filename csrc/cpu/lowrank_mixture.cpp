@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu_loads.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/parallel.h"
 
 namespace fastmerge::cpu {
@@ -86,43 +87,39 @@ void scatter_add(T* dst, int64_t dst_stride, const T* src, int64_t src_stride,
 
 }  // namespace
 
+// Each entry point dispatches before its empty-input return, so that a bad code raises
+// whatever the sizes (as the bindings' own check did).
 void lowrank_gather_rows(void* dst, int64_t dst_row_stride, const void* src,
                          int64_t src_row_stride, const int64_t* index, int64_t count,
                          int64_t tokens, int64_t cols, int32_t dtype) {
-  if (count <= 0 || tokens <= 0 || cols <= 0) return;
-  if (dtype == kFloat64) {
-    gather(static_cast<double*>(dst), dst_row_stride, static_cast<const double*>(src),
+  dispatch_dtype<FloatDTypes>(dtype, "lowrank_gather_rows: dtype", [&](auto tag) {
+    using T = typename decltype(tag)::compute;
+    if (count <= 0 || tokens <= 0 || cols <= 0) return;
+    gather(static_cast<T*>(dst), dst_row_stride, static_cast<const T*>(src),
            src_row_stride, index, count, tokens, cols);
-  } else {
-    gather(static_cast<float*>(dst), dst_row_stride, static_cast<const float*>(src),
-           src_row_stride, index, count, tokens, cols);
-  }
+  });
 }
 
 void lowrank_scatter_add_rows(void* dst, int64_t dst_row_stride, const void* src,
                               int64_t src_row_stride, const int64_t* index, int64_t count,
                               int64_t tokens, int64_t cols, int32_t dtype) {
-  if (count <= 0 || tokens <= 0 || cols <= 0) return;
-  if (dtype == kFloat64) {
-    scatter_add(static_cast<double*>(dst), dst_row_stride, static_cast<const double*>(src),
+  dispatch_dtype<FloatDTypes>(dtype, "lowrank_scatter_add_rows: dtype", [&](auto tag) {
+    using T = typename decltype(tag)::compute;
+    if (count <= 0 || tokens <= 0 || cols <= 0) return;
+    scatter_add(static_cast<T*>(dst), dst_row_stride, static_cast<const T*>(src),
                 src_row_stride, index, count, tokens, cols);
-  } else {
-    scatter_add(static_cast<float*>(dst), dst_row_stride, static_cast<const float*>(src),
-                src_row_stride, index, count, tokens, cols);
-  }
+  });
 }
 
 void lowrank_gate_scale(void* z, int32_t dtype, int64_t rows, int64_t tasks, int64_t rank,
                         int64_t z_row_stride, const void* gates, int64_t gate_row_stride,
                         int64_t tokens) {
-  if (rows <= 0 || tasks <= 0 || rank <= 0 || tokens <= 0) return;
-  if (dtype == kFloat64) {
-    gate_scale(static_cast<double*>(z), rows, tasks, rank, z_row_stride,
-               static_cast<const double*>(gates), gate_row_stride, tokens);
-  } else {
-    gate_scale(static_cast<float*>(z), rows, tasks, rank, z_row_stride,
-               static_cast<const float*>(gates), gate_row_stride, tokens);
-  }
+  dispatch_dtype<FloatDTypes>(dtype, "lowrank_gate_scale: dtype", [&](auto tag) {
+    using T = typename decltype(tag)::compute;
+    if (rows <= 0 || tasks <= 0 || rank <= 0 || tokens <= 0) return;
+    gate_scale(static_cast<T*>(z), rows, tasks, rank, z_row_stride,
+               static_cast<const T*>(gates), gate_row_stride, tokens);
+  });
 }
 
 }  // namespace fastmerge::cpu

@@ -16,6 +16,7 @@
 #include <limits>
 
 #include "cpu_loads.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/magnitude.h"
 #include "fastmerge/parallel.h"
 
@@ -252,35 +253,31 @@ struct Kernels {
   SampleFn sample;
 };
 
-#define FM_THRESHOLD_CLONES(SUFFIX, DT)                                                      \
-  FM_CPU_CLONES void histogram_##SUFFIX(const void* base, const void* const* experts,       \
-                                        int64_t t, int64_t i0, int64_t i1, uint32_t* hist) { \
-    histogram_range<DT>(base, experts, t, i0, i1, hist);                                     \
-  }                                                                                          \
-  FM_CPU_CLONES void collect_##SUFFIX(const void* base, const void* const* experts,         \
-                                      int64_t t, int64_t i0, int64_t i1, const int64_t* bin, \
-                                      void* const* dest) {                                   \
-    using Key = typename MagnitudeKey<Compute<DT>>::type;                                    \
-    collect_range<DT>(base, experts, t, i0, i1, bin, reinterpret_cast<Key* const*>(dest));   \
-  }                                                                                          \
-  FM_CPU_CLONES void band_##SUFFIX(const void* base, const void* const* experts, int64_t t,  \
-                                   int64_t i0, int64_t i1, const void* lo, const void* hi,   \
-                                   int64_t* above, void* band, int64_t* used) {              \
-    using Key = typename MagnitudeKey<Compute<DT>>::type;                                    \
-    band_range<DT>(base, experts, t, i0, i1, static_cast<const Key*>(lo),                    \
-                   static_cast<const Key*>(hi), above, static_cast<std::vector<Key>*>(band), \
-                   used);                                                                    \
-  }                                                                                          \
-  FM_CPU_CLONES void sample_##SUFFIX(const void* base, const void* const* experts,          \
-                                     int64_t t, int64_t i0, int64_t len, void* out) {        \
-    using Key = typename MagnitudeKey<Compute<DT>>::type;                                    \
-    sample_range<DT>(base, experts, t, i0, len, static_cast<Key*>(out));                     \
-  }
-FM_THRESHOLD_CLONES(f16, kFloat16)
-FM_THRESHOLD_CLONES(bf16, kBFloat16)
-FM_THRESHOLD_CLONES(f32, kFloat32)
-FM_THRESHOLD_CLONES(f64, kFloat64)
-#undef FM_THRESHOLD_CLONES
+template <int32_t DT>
+FM_CPU_CLONES void histogram_clone(const void* base, const void* const* experts, int64_t t,
+                                   int64_t i0, int64_t i1, uint32_t* hist) {
+  histogram_range<DT>(base, experts, t, i0, i1, hist);
+}
+template <int32_t DT>
+FM_CPU_CLONES void collect_clone(const void* base, const void* const* experts, int64_t t,
+                                 int64_t i0, int64_t i1, const int64_t* bin, void* const* dest) {
+  using Key = typename MagnitudeKey<Compute<DT>>::type;
+  collect_range<DT>(base, experts, t, i0, i1, bin, reinterpret_cast<Key* const*>(dest));
+}
+template <int32_t DT>
+FM_CPU_CLONES void band_clone(const void* base, const void* const* experts, int64_t t,
+                              int64_t i0, int64_t i1, const void* lo, const void* hi,
+                              int64_t* above, void* band, int64_t* used) {
+  using Key = typename MagnitudeKey<Compute<DT>>::type;
+  band_range<DT>(base, experts, t, i0, i1, static_cast<const Key*>(lo),
+                 static_cast<const Key*>(hi), above, static_cast<std::vector<Key>*>(band), used);
+}
+template <int32_t DT>
+FM_CPU_CLONES void sample_clone(const void* base, const void* const* experts, int64_t t,
+                                int64_t i0, int64_t len, void* out) {
+  using Key = typename MagnitudeKey<Compute<DT>>::type;
+  sample_range<DT>(base, experts, t, i0, len, static_cast<Key*>(out));
+}
 
 // Equal ranges of [0, n), one per worker; at most 2^31 elements each so that a
 // worker's candidate counts stay small integers.
@@ -447,28 +444,14 @@ void select_thresholds(const void* base, const std::vector<const void*>& experts
 void magnitude_threshold(const void* base, const std::vector<const void*>& experts, int64_t n,
                          int32_t dtype, int64_t k, void* out) {
   if (experts.empty() || n <= 0 || k < 1 || k > n) return;
-  switch (dtype) {
-    case kFloat16:
-      select_thresholds(base, experts, n, k,
-                        Kernels{histogram_f16, collect_f16, band_f16, sample_f16},
-                        static_cast<float*>(out));
-      break;
-    case kBFloat16:
-      select_thresholds(base, experts, n, k,
-                        Kernels{histogram_bf16, collect_bf16, band_bf16, sample_bf16},
-                        static_cast<float*>(out));
-      break;
-    case kFloat32:
-      select_thresholds(base, experts, n, k,
-                        Kernels{histogram_f32, collect_f32, band_f32, sample_f32},
-                        static_cast<float*>(out));
-      break;
-    default:
-      select_thresholds(base, experts, n, k,
-                        Kernels{histogram_f64, collect_f64, band_f64, sample_f64},
-                        static_cast<double*>(out));
-      break;
-  }
+  dispatch_dtype(dtype, "magnitude_threshold: dtype", [&](auto tag) {
+    constexpr int32_t DT = decltype(tag)::code;
+    using C = typename decltype(tag)::compute;
+    select_thresholds(base, experts, n, k,
+                      Kernels{histogram_clone<DT>, collect_clone<DT>, band_clone<DT>,
+                              sample_clone<DT>},
+                      static_cast<C*>(out));
+  });
 }
 
 }  // namespace fastmerge::cpu

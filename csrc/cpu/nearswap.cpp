@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "cpu_loads.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/parallel.h"
 
 namespace fastmerge::cpu {
@@ -40,20 +41,9 @@ __attribute__((always_inline)) inline void widen(C* dst, const void* x, int64_t 
 template <typename C>
 __attribute__((always_inline)) inline void widen_any(C* dst, const void* x, int32_t dtype,
                                                      int64_t j0, int64_t len) {
-  switch (dtype) {
-    case kFloat16:
-      widen<C, kFloat16>(dst, x, j0, len);
-      break;
-    case kBFloat16:
-      widen<C, kBFloat16>(dst, x, j0, len);
-      break;
-    case kFloat32:
-      widen<C, kFloat32>(dst, x, j0, len);
-      break;
-    default:
-      widen<C, kFloat64>(dst, x, j0, len);
-      break;
-  }
+  dispatch_dtype(dtype, "nearswap: dtype", [&](auto tag) FM_INLINE_LAMBDA {
+    widen<C, decltype(tag)::code>(dst, x, j0, len);
+  });
 }
 
 // c ? x : y as bit masks, not a select, so that compilers vectorize it without AVX-512
@@ -115,20 +105,9 @@ __attribute__((always_inline)) inline void nearswap_range(const void* a, int32_t
     widen_any<C>(x, a, a_dtype, j0, len);
     widen_any<C>(y, b, b_dtype, j0, len);
     formula<C>(x, x, y, len, t);
-    switch (out_dtype) {
-      case kFloat16:
-        store<C, kFloat16>(out, j0, len, x);
-        break;
-      case kBFloat16:
-        store<C, kBFloat16>(out, j0, len, x);
-        break;
-      case kFloat32:
-        store<C, kFloat32>(out, j0, len, x);
-        break;
-      default:
-        store<C, kFloat64>(out, j0, len, x);
-        break;
-    }
+    dispatch_dtype(out_dtype, "nearswap: out_dtype", [&](auto tag) FM_INLINE_LAMBDA {
+      store<C, decltype(tag)::code>(out, j0, len, x);
+    });
   }
 }
 
@@ -168,6 +147,10 @@ void run(const void* a, int32_t a_dtype, const void* b, int32_t b_dtype, double 
 
 void nearswap(const void* a, int32_t a_dtype, const void* b, int32_t b_dtype, double t,
               int64_t n, bool float64, void* out, int32_t out_dtype) {
+  // The blocks dispatch on pool workers: check the codes here.
+  check_dtype(a_dtype, "nearswap: a_dtype");
+  check_dtype(b_dtype, "nearswap: b_dtype");
+  check_dtype(out_dtype, "nearswap: out_dtype");
   if (n <= 0) return;
   if (float64) {
     run<double>(a, a_dtype, b, b_dtype, t, n, out, out_dtype, nearswap_range_f64);

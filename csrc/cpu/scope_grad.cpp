@@ -6,6 +6,7 @@
 
 #include "cpu_loads.h"
 #include "fastmerge/chunks.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/parallel.h"
 
 namespace fastmerge::cpu {
@@ -13,6 +14,7 @@ namespace {
 
 constexpr int64_t kChunkSize = 1 << 16;
 constexpr int64_t kMinElementsPerThread = 1 << 18;
+constexpr const char* kDTypesName = "scope_grad: dtypes";
 
 // Half-precision and float32 tensors compute in float32 (E::compute); float64 in double.
 template <int32_t DT>
@@ -30,30 +32,10 @@ __attribute__((always_inline)) inline void affine_chunk(const void* x, void* out
   }
 }
 
-#define FM_AFFINE_CLONE(NAME, DT)                                                         \
-  FM_CPU_CLONES void NAME(const void* x, void* o, int64_t b, int64_t n, double m, double a, \
-                          double s) {                                                     \
-    affine_chunk<DT>(x, o, b, n, m, a, s);                                                \
-  }
-FM_AFFINE_CLONE(affine_chunk_f16, kFloat16)
-FM_AFFINE_CLONE(affine_chunk_bf16, kBFloat16)
-FM_AFFINE_CLONE(affine_chunk_f32, kFloat32)
-FM_AFFINE_CLONE(affine_chunk_f64, kFloat64)
-#undef FM_AFFINE_CLONE
-
-using AffineFn = void (*)(const void*, void*, int64_t, int64_t, double, double, double);
-
-AffineFn affine_for(int32_t dtype) {
-  switch (dtype) {
-    case kFloat16:
-      return affine_chunk_f16;
-    case kBFloat16:
-      return affine_chunk_bf16;
-    case kFloat32:
-      return affine_chunk_f32;
-    default:
-      return affine_chunk_f64;
-  }
+template <int32_t DT>
+FM_CPU_CLONES void affine_clone(const void* x, void* o, int64_t b, int64_t n, double m, double a,
+                                double s) {
+  affine_chunk<DT>(x, o, b, n, m, a, s);
 }
 
 }  // namespace
@@ -61,6 +43,7 @@ AffineFn affine_for(int32_t dtype) {
 void scope_grad(const std::vector<const void*>& x, const std::vector<void*>& out,
                 const std::vector<int64_t>& numels, const std::vector<int32_t>& dtypes,
                 const double* mean, const double* alpha, const double* beta) {
+  for (const int32_t code : dtypes) check_dtype(code, kDTypesName);  // before the workers
   const std::vector<Chunk> chunks = plan_chunks(numels, kChunkSize);
   const std::vector<int64_t> offsets = chunk_offsets(chunks);
   parallel_ranges(static_cast<int64_t>(chunks.size()), offsets, kMinElementsPerThread,
@@ -68,8 +51,10 @@ void scope_grad(const std::vector<const void*>& x, const std::vector<void*>& out
                     for (int64_t c = first; c < last; ++c) {
                       const Chunk& ck = chunks[c];
                       const int32_t t = ck.tensor;
-                      affine_for(dtypes[t])(x[t], out[t], ck.begin, ck.length, mean[t],
-                                            alpha[t], beta[t]);
+                      dispatch_dtype(dtypes[t], kDTypesName, [&](auto tag) {
+                        affine_clone<decltype(tag)::code>(x[t], out[t], ck.begin, ck.length,
+                                                          mean[t], alpha[t], beta[t]);
+                      });
                     }
                   });
 }

@@ -6,6 +6,7 @@
 
 #include "cpu_loads.h"
 #include "fastmerge/chunks.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/moments.h"
 #include "fastmerge/parallel.h"
 
@@ -18,6 +19,7 @@ constexpr int64_t kChunkSize = 1 << 16;
 // Below this many elements per thread (1 MiB of float32) waking a second thread
 // costs more, and varies more, than the work it takes over.
 constexpr int64_t kMinElementsPerThread = 1 << 18;
+constexpr const char* kDTypesName = "scope_stats: dtypes";
 
 // Shifted sums over one chunk in double. `omp simd reduction` (-fopenmp-simd, no
 // OpenMP runtime) lets the compiler keep vector accumulators, which plain -O3 may not
@@ -38,30 +40,9 @@ __attribute__((always_inline)) inline Moments chunk_moments(const void* data, in
   return moments_from_shifted_sums(static_cast<double>(length), shift, s1, s2);
 }
 
-FM_CPU_CLONES Moments chunk_moments_f16(const void* d, int64_t b, int64_t n) {
-  return chunk_moments<kFloat16>(d, b, n);
-}
-FM_CPU_CLONES Moments chunk_moments_bf16(const void* d, int64_t b, int64_t n) {
-  return chunk_moments<kBFloat16>(d, b, n);
-}
-FM_CPU_CLONES Moments chunk_moments_f32(const void* d, int64_t b, int64_t n) {
-  return chunk_moments<kFloat32>(d, b, n);
-}
-FM_CPU_CLONES Moments chunk_moments_f64(const void* d, int64_t b, int64_t n) {
-  return chunk_moments<kFloat64>(d, b, n);
-}
-
-Moments dispatch_chunk_moments(int32_t dtype, const void* data, int64_t begin, int64_t length) {
-  switch (dtype) {
-    case kFloat16:
-      return chunk_moments_f16(data, begin, length);
-    case kBFloat16:
-      return chunk_moments_bf16(data, begin, length);
-    case kFloat32:
-      return chunk_moments_f32(data, begin, length);
-    default:
-      return chunk_moments_f64(data, begin, length);
-  }
+template <int32_t DT>
+FM_CPU_CLONES Moments chunk_moments_clone(const void* d, int64_t b, int64_t n) {
+  return chunk_moments<DT>(d, b, n);
 }
 
 }  // namespace
@@ -69,6 +50,7 @@ Moments dispatch_chunk_moments(int32_t dtype, const void* data, int64_t begin, i
 void scope_stats(const std::vector<const void*>& data, const std::vector<int64_t>& numels,
                  const std::vector<int32_t>& dtypes, double* out_mean, double* out_std,
                  double* out_count) {
+  for (const int32_t code : dtypes) check_dtype(code, kDTypesName);  // before the workers
   const std::vector<Chunk> chunks = plan_chunks(numels, kChunkSize);
   const std::vector<int64_t> offsets = chunk_offsets(chunks);
   std::vector<Moments> partials(chunks.size());
@@ -76,8 +58,11 @@ void scope_stats(const std::vector<const void*>& data, const std::vector<int64_t
                   [&](int64_t first, int64_t last) {
                     for (int64_t c = first; c < last; ++c) {
                       const Chunk& ck = chunks[c];
-                      partials[c] = dispatch_chunk_moments(dtypes[ck.tensor], data[ck.tensor],
-                                                           ck.begin, ck.length);
+                      partials[c] = dispatch_dtype(
+                          dtypes[ck.tensor], kDTypesName, [&](auto tag) {
+                            return chunk_moments_clone<decltype(tag)::code>(
+                                data[ck.tensor], ck.begin, ck.length);
+                          });
                     }
                   });
   // Merge each tensor's chunks in chunk order: the same answer for any thread count.

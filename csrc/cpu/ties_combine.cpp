@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cpu_loads.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/parallel.h"
 
 namespace fastmerge::cpu {
@@ -97,32 +98,18 @@ __attribute__((always_inline)) inline void combine_range(
 using CombineFn = void (*)(const void*, const void* const*, int64_t, int64_t, int64_t,
                            const void*, double, void*, void*);
 
-#define FM_COMBINE_CLONE(NAME, DT, OUT)                                                       \
-  FM_CPU_CLONES void NAME(const void* base, const void* const* experts, int64_t t,           \
-                          int64_t i0, int64_t i1, const void* thr, double scale, void* out,  \
-                          void* scratch) {                                                    \
-    combine_range<DT, OUT>(base, experts, t, i0, i1, thr, scale, out, scratch);              \
-  }
-#define FM_COMBINE_CLONES(SUFFIX, DT)                        \
-  FM_COMBINE_CLONE(combine_##SUFFIX##_f16, DT, kFloat16)     \
-  FM_COMBINE_CLONE(combine_##SUFFIX##_bf16, DT, kBFloat16)   \
-  FM_COMBINE_CLONE(combine_##SUFFIX##_f32, DT, kFloat32)     \
-  FM_COMBINE_CLONE(combine_##SUFFIX##_f64, DT, kFloat64)
-FM_COMBINE_CLONES(f16, kFloat16)
-FM_COMBINE_CLONES(bf16, kBFloat16)
-FM_COMBINE_CLONES(f32, kFloat32)
-FM_COMBINE_CLONES(f64, kFloat64)
-#undef FM_COMBINE_CLONES
-#undef FM_COMBINE_CLONE
+template <int32_t DT, int32_t OUT>
+FM_CPU_CLONES void combine_clone(const void* base, const void* const* experts, int64_t t,
+                                 int64_t i0, int64_t i1, const void* thr, double scale, void* out,
+                                 void* scratch) {
+  combine_range<DT, OUT>(base, experts, t, i0, i1, thr, scale, out, scratch);
+}
 
 CombineFn combine_for(int32_t dtype, int32_t out_dtype) {
-  static const CombineFn table[4][4] = {
-      {combine_f16_f16, combine_f16_bf16, combine_f16_f32, combine_f16_f64},
-      {combine_bf16_f16, combine_bf16_bf16, combine_bf16_f32, combine_bf16_f64},
-      {combine_f32_f16, combine_f32_bf16, combine_f32_f32, combine_f32_f64},
-      {combine_f64_f16, combine_f64_bf16, combine_f64_f32, combine_f64_f64},
-  };
-  return table[dtype][out_dtype];
+  return dispatch_dtypes(dtype, "ties_combine: dtype", out_dtype, "ties_combine: out_dtype",
+                         [](auto in, auto out) -> CombineFn {
+                           return combine_clone<decltype(in)::code, decltype(out)::code>;
+                         });
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "cpu_loads.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/parallel.h"
 
 namespace fastmerge::cpu {
@@ -61,35 +62,13 @@ __attribute__((always_inline)) inline void sum_range(const void* const* inputs,
     const int64_t len = std::min(kBlock, i1 - j0);
     for (int64_t t = 0; t < count; ++t) {
       const bool first = t == 0;
-      switch (dtypes[t]) {
-        case kFloat16:
-          accumulate<C, kFloat16>(acc, inputs[t], j0, len, weights[t], first);
-          break;
-        case kBFloat16:
-          accumulate<C, kBFloat16>(acc, inputs[t], j0, len, weights[t], first);
-          break;
-        case kFloat32:
-          accumulate<C, kFloat32>(acc, inputs[t], j0, len, weights[t], first);
-          break;
-        default:
-          accumulate<C, kFloat64>(acc, inputs[t], j0, len, weights[t], first);
-          break;
-      }
+      dispatch_dtype(dtypes[t], "weighted_sum: dtypes", [&](auto tag) FM_INLINE_LAMBDA {
+        accumulate<C, decltype(tag)::code>(acc, inputs[t], j0, len, weights[t], first);
+      });
     }
-    switch (out_dtype) {
-      case kFloat16:
-        store<C, kFloat16>(out, j0, len, acc);
-        break;
-      case kBFloat16:
-        store<C, kBFloat16>(out, j0, len, acc);
-        break;
-      case kFloat32:
-        store<C, kFloat32>(out, j0, len, acc);
-        break;
-      default:
-        store<C, kFloat64>(out, j0, len, acc);
-        break;
-    }
+    dispatch_dtype(out_dtype, "weighted_sum: out_dtype", [&](auto tag) FM_INLINE_LAMBDA {
+      store<C, decltype(tag)::code>(out, j0, len, acc);
+    });
   }
 }
 
@@ -130,6 +109,9 @@ void run(const std::vector<const void*>& inputs, const std::vector<int32_t>& dty
 void weighted_sum(const std::vector<const void*>& inputs, const std::vector<int32_t>& dtypes,
                   const std::vector<double>& weights, int64_t n, bool float64, void* out,
                   int32_t out_dtype) {
+  // The blocks dispatch on pool workers: check the codes here.
+  for (const int32_t code : dtypes) check_dtype(code, "weighted_sum: dtypes");
+  check_dtype(out_dtype, "weighted_sum: out_dtype");
   if (n <= 0 || inputs.empty()) return;
   if (float64) {
     run<double>(inputs, dtypes, weights, n, out, out_dtype, sum_range_f64);

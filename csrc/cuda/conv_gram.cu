@@ -10,6 +10,7 @@
 
 #include "cuda_check.h"
 #include "fastmerge/conv_gram.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/dtypes.h"
 #include "launchers.h"
 
@@ -112,15 +113,11 @@ void conv_gram(const void* x, const void* y, int32_t dtype, const int64_t* geome
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles),
                   static_cast<unsigned>(slices));
   const dim3 block(kThreadsDim, kThreadsDim);
-  if (dtype == kFloat64) {
-    conv_gram_kernel<double><<<grid, block, 0, s>>>(static_cast<const double*>(x),
-                                                    static_cast<const double*>(y), g, per_slice,
-                                                    out);
-  } else {
-    conv_gram_kernel<float><<<grid, block, 0, s>>>(static_cast<const float*>(x),
-                                                   static_cast<const float*>(y), g, per_slice,
-                                                   out);
-  }
+  dispatch_dtype<FloatDTypes>(dtype, "conv_gram: dtype", [&](auto tag) {
+    using T = typename decltype(tag)::compute;  // float32 / float64 buffers, as they are
+    conv_gram_kernel<T><<<grid, block, 0, s>>>(static_cast<const T*>(x),
+                                               static_cast<const T*>(y), g, per_slice, out);
+  });
   check(cudaGetLastError(), "conv_gram launch");
 }
 

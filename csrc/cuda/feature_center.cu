@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda_check.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/dtypes.h"
 #include "launchers.h"
 
@@ -73,26 +74,12 @@ void feature_center(const void* x, int32_t dtype, int64_t rows, int64_t cols,
                     uintptr_t stream) {
   if (cols <= 0 || splits <= 0) return;
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  const bool f64 = out_dtype == kFloat64;
-#define FM_CASE(DT)                                                                          \
-  case DT:                                                                                   \
-    if (f64) {                                                                               \
-      launch<DT, double>(x, rows, cols, x_row_stride, shift, out, out_row_stride, splits,    \
-                         partials, s);                                                       \
-    } else {                                                                                 \
-      launch<DT, float>(x, rows, cols, x_row_stride, shift, out, out_row_stride, splits,     \
-                        partials, s);                                                        \
-    }                                                                                        \
-    break;
-  switch (dtype) {
-    FM_CASE(kFloat16)
-    FM_CASE(kBFloat16)
-    FM_CASE(kFloat32)
-    FM_CASE(kFloat64)
-    default:
-      break;
-  }
-#undef FM_CASE
+  dispatch_dtypes<AllDTypes, FloatDTypes>(
+      dtype, "feature_center: dtype", out_dtype, "feature_center: out_dtype",
+      [&](auto in, auto o) {
+        launch<decltype(in)::code, typename decltype(o)::compute>(
+            x, rows, cols, x_row_stride, shift, out, out_row_stride, splits, partials, s);
+      });
   check(cudaGetLastError(), "feature_center launch");
 }
 

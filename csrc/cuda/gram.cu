@@ -21,6 +21,7 @@
 #include <string>
 
 #include "cuda_check.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/dtypes.h"
 #include "fastmerge/gram.h"
 #include "gram.h"
@@ -57,20 +58,6 @@ struct GramArgs {
   double* workspace;
   double* out;
 };
-
-template <typename C>
-__device__ __forceinline__ C load(const void* x, int64_t code, int64_t i) {
-  switch (code) {
-    case kFloat16:
-      return static_cast<C>(load_as_double<kFloat16>(x, i));
-    case kBFloat16:
-      return static_cast<C>(load_as_double<kBFloat16>(x, i));
-    case kFloat32:
-      return static_cast<C>(load_as_double<kFloat32>(x, i));
-    default:
-      return static_cast<C>(load_as_double<kFloat64>(x, i));
-  }
-}
 
 // Pair sum `value` of (vector `lane`, pair p) of entry range `split`.
 __device__ __forceinline__ void emit(const GramArgs& a, int64_t split, int64_t lane, int p,
@@ -135,7 +122,7 @@ __global__ void __launch_bounds__(kThreads) gram_kernel(const GramArgs a) {
         for (int idx = tid; idx < n; idx += kThreads) {
           const int64_t lane = lane0 + idx % lanes;
           const int64_t e = e0 + idx / lanes;
-          bs[idx] = lane < a.batch ? static_cast<double>(load<C>(
+          bs[idx] = lane < a.batch ? static_cast<double>(load_any<C>(
                                          a.base, a.base_dtype,
                                          lane * a.batch_stride + e * a.entry_stride))
                                    : 0.0;
@@ -151,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) gram_kernel(const GramArgs a) {
         if (lane < a.batch) {
           const void* x = reinterpret_cast<const void*>(__ldg(a.table + i));
           const int64_t code = __ldg(a.table + a.k + i);
-          C c = load<C>(x, code, lane * a.batch_stride + e * a.entry_stride);
+          C c = load_any<C>(x, code, lane * a.batch_stride + e * a.entry_stride);
           if (a.base != nullptr) c = sub_rn(c, static_cast<C>(bs[rem]));
           v = static_cast<double>(c);
         }
@@ -252,6 +239,8 @@ void gram(const int64_t* table, int64_t count, const void* base, int32_t base_dt
   if (splits > 1 && workspace == nullptr) {
     throw std::invalid_argument("gram: splits > 1 needs a workspace");
   }
+  // The kernel dispatches the base per entry, where it cannot throw: check it here.
+  if (base != nullptr) check_dtype(base_dtype, "gram: base_dtype");
   if (count <= 0 || rows <= 0 || cols <= 0) return;  // the caller handles empty vectors
 
   GramArgs a{};

@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda_check.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/dtypes.h"
 #include "fastmerge/keep_hash.h"
 #include "launchers.h"
@@ -125,37 +126,6 @@ void launch(const void* base, const Params<C>& p, int64_t n, bool consensus, boo
   }
 }
 
-template <int32_t DT, typename C>
-void launch_for_output(const void* base, const Params<C>& p, int64_t n, bool consensus,
-                       bool zero_positive, bool normalize, double lam, void* out,
-                       int32_t out_dtype, cudaStream_t stream) {
-  switch (out_dtype) {
-    case kFloat16:
-      launch<DT, kFloat16, C>(base, p, n, consensus, zero_positive, normalize, lam, out, stream);
-      break;
-    case kBFloat16:
-      launch<DT, kBFloat16, C>(base, p, n, consensus, zero_positive, normalize, lam, out, stream);
-      break;
-    case kFloat32:
-      launch<DT, kFloat32, C>(base, p, n, consensus, zero_positive, normalize, lam, out, stream);
-      break;
-    default:
-      launch<DT, kFloat64, C>(base, p, n, consensus, zero_positive, normalize, lam, out, stream);
-      break;
-  }
-}
-
-template <int32_t DT, typename C>
-void dispatch(const void* base, const int64_t* expert_addresses, int64_t num_experts, int64_t n,
-              const void* params, const int64_t* random, int64_t offset, bool consensus,
-              bool drop_zero_sum, bool normalize, double lam, void* out, int32_t out_dtype,
-              cudaStream_t stream) {
-  const Params<C> p{expert_addresses, static_cast<const C*>(params), random,
-                    static_cast<int>(num_experts), offset};
-  launch_for_output<DT, C>(base, p, n, consensus, !drop_zero_sum, normalize, lam, out,
-                           out_dtype, stream);
-}
-
 }  // namespace
 
 void gta_combine(const void* base, const int64_t* expert_addresses, int64_t num_experts,
@@ -164,24 +134,14 @@ void gta_combine(const void* base, const int64_t* expert_addresses, int64_t num_
                  void* out, int32_t out_dtype, uintptr_t stream) {
   if (n <= 0 || num_experts <= 0) return;
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat16:
-      dispatch<kFloat16, float>(base, expert_addresses, num_experts, n, params, random, offset,
-                                consensus, drop_zero_sum, normalize, lam, out, out_dtype, s);
-      break;
-    case kBFloat16:
-      dispatch<kBFloat16, float>(base, expert_addresses, num_experts, n, params, random, offset,
-                                 consensus, drop_zero_sum, normalize, lam, out, out_dtype, s);
-      break;
-    case kFloat32:
-      dispatch<kFloat32, float>(base, expert_addresses, num_experts, n, params, random, offset,
-                                consensus, drop_zero_sum, normalize, lam, out, out_dtype, s);
-      break;
-    default:
-      dispatch<kFloat64, double>(base, expert_addresses, num_experts, n, params, random, offset,
-                                 consensus, drop_zero_sum, normalize, lam, out, out_dtype, s);
-      break;
-  }
+  dispatch_dtypes(dtype, "gta_combine: dtype", out_dtype, "gta_combine: out_dtype",
+                  [&](auto in, auto o) {
+                    using C = typename decltype(in)::compute;
+                    const Params<C> p{expert_addresses, static_cast<const C*>(params), random,
+                                      static_cast<int>(num_experts), offset};
+                    launch<decltype(in)::code, decltype(o)::code, C>(
+                        base, p, n, consensus, !drop_zero_sum, normalize, lam, out, s);
+                  });
   check(cudaGetLastError(), "gta_combine launch");
 }
 

@@ -17,6 +17,7 @@
 #include <string>
 
 #include "cuda_check.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/dtypes.h"
 #include "launchers.h"
 
@@ -202,22 +203,10 @@ void lowrank_mixture(const void* x, int32_t dtype, int64_t rows, int64_t d_in, i
                                 " on CUDA (grid.y holds 65535 tiles)");
   }
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat16:
-      launch<kFloat16, float>(x, rows, d_in, d_out, tasks, rank, tokens, us, vs, gates, down, y, s);
-      break;
-    case kBFloat16:
-      launch<kBFloat16, float>(x, rows, d_in, d_out, tasks, rank, tokens, us, vs, gates, down, y,
-                               s);
-      break;
-    case kFloat32:
-      launch<kFloat32, float>(x, rows, d_in, d_out, tasks, rank, tokens, us, vs, gates, down, y, s);
-      break;
-    default:
-      launch<kFloat64, double>(x, rows, d_in, d_out, tasks, rank, tokens, us, vs, gates, down, y,
-                               s);
-      break;
-  }
+  dispatch_dtype(dtype, "lowrank_mixture: dtype", [&](auto tag) {
+    launch<decltype(tag)::code, typename decltype(tag)::compute>(x, rows, d_in, d_out, tasks, rank,
+                                                                 tokens, us, vs, gates, down, y, s);
+  });
   check(cudaGetLastError(), "lowrank_mixture launch");
 }
 

@@ -15,6 +15,7 @@
 #include <string>
 
 #include "cuda_check.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/dtypes.h"
 #include "launchers.h"
 
@@ -144,24 +145,10 @@ void magnitude_threshold(const void* base, const int64_t* expert_addresses, int6
         "4294967295); use the triton backend (64-bit counts) or split the tensor");
   }
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat16:
-      select<kFloat16, float>(base, expert_addresses, num_experts, n, k, out, hist, prefix, rank,
-                              s);
-      break;
-    case kBFloat16:
-      select<kBFloat16, float>(base, expert_addresses, num_experts, n, k, out, hist, prefix,
-                               rank, s);
-      break;
-    case kFloat32:
-      select<kFloat32, float>(base, expert_addresses, num_experts, n, k, out, hist, prefix, rank,
-                              s);
-      break;
-    default:
-      select<kFloat64, double>(base, expert_addresses, num_experts, n, k, out, hist, prefix,
-                               rank, s);
-      break;
-  }
+  dispatch_dtype(dtype, "magnitude_threshold: dtype", [&](auto tag) {
+    select<decltype(tag)::code, typename decltype(tag)::compute>(
+        base, expert_addresses, num_experts, n, k, out, hist, prefix, rank, s);
+  });
   check(cudaGetLastError(), "magnitude_threshold launch");
 }
 

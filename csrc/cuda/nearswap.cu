@@ -1,6 +1,6 @@
 // The nearswap on the GPU: one thread per entry (grid-stride), the formula in registers,
 // one store. a and b may have different dtypes: their dtype codes are uniform across the
-// grid, so the per-input switch never diverges.
+// grid, so the per-input dispatch never diverges.
 //
 // Bit for bit the reference (csrc/cpu/nearswap.h describes the arithmetic): the explicit
 // _rn intrinsics keep nvcc from fusing the multiplies and the add, and the division is
@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda_check.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/dtypes.h"
 #include "nearswap.h"
 #include "rounding.cuh"
@@ -20,20 +21,6 @@ constexpr int kThreads = 256;
 __device__ __forceinline__ float abs_of(float a) { return fabsf(a); }
 __device__ __forceinline__ double abs_of(double a) { return fabs(a); }
 
-template <typename C>
-__device__ __forceinline__ C load(const void* x, int32_t code, int64_t i) {
-  switch (code) {
-    case kFloat16:
-      return static_cast<C>(load_as_double<kFloat16>(x, i));
-    case kBFloat16:
-      return static_cast<C>(load_as_double<kBFloat16>(x, i));
-    case kFloat32:
-      return static_cast<C>(load_as_double<kFloat32>(x, i));
-    default:
-      return static_cast<C>(load_as_double<kFloat64>(x, i));
-  }
-}
-
 template <typename C, int32_t OUT>
 __global__ void __launch_bounds__(kThreads)
     nearswap_kernel(const void* a, int32_t a_dtype, const void* b, int32_t b_dtype, C t,
@@ -44,8 +31,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
-    const C x = load<C>(a, a_dtype, i);
-    const C y = load<C>(b, b_dtype, i);
+    const C x = load_any<C>(a, a_dtype, i);
+    const C y = load_any<C>(b, b_dtype, i);
     C d = abs_of(sub_rn(x, y));
     d = d < eps ? eps : d;  // a NaN fails the comparison and stays
     C w = div_rn(t, d);
@@ -61,30 +48,19 @@ void launch(const void* a, int32_t a_dtype, const void* b, int32_t b_dtype, C t,
             void* out, int32_t out_dtype, cudaStream_t stream) {
   const int64_t wanted = (n + kThreads - 1) / kThreads;
   const unsigned blocks = static_cast<unsigned>(wanted < 65535 * 8 ? wanted : 65535 * 8);
-  switch (out_dtype) {
-    case kFloat16:
-      nearswap_kernel<C, kFloat16><<<blocks, kThreads, 0, stream>>>(a, a_dtype, b, b_dtype, t,
-                                                                     n, out);
-      break;
-    case kBFloat16:
-      nearswap_kernel<C, kBFloat16><<<blocks, kThreads, 0, stream>>>(a, a_dtype, b, b_dtype,
-                                                                      t, n, out);
-      break;
-    case kFloat32:
-      nearswap_kernel<C, kFloat32><<<blocks, kThreads, 0, stream>>>(a, a_dtype, b, b_dtype, t,
-                                                                     n, out);
-      break;
-    default:
-      nearswap_kernel<C, kFloat64><<<blocks, kThreads, 0, stream>>>(a, a_dtype, b, b_dtype, t,
-                                                                     n, out);
-      break;
-  }
+  dispatch_dtype(out_dtype, "nearswap: out_dtype", [&](auto tag) {
+    nearswap_kernel<C, decltype(tag)::code>
+        <<<blocks, kThreads, 0, stream>>>(a, a_dtype, b, b_dtype, t, n, out);
+  });
 }
 
 }  // namespace
 
 void nearswap(const void* a, int32_t a_dtype, const void* b, int32_t b_dtype, double t,
               int64_t n, bool float64, void* out, int32_t out_dtype, uintptr_t stream) {
+  // The kernel dispatches a and b per entry, where it cannot throw: check them here.
+  check_dtype(a_dtype, "nearswap: a_dtype");
+  check_dtype(b_dtype, "nearswap: b_dtype");
   if (n <= 0) return;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (float64) {

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda_check.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/dtypes.h"
 #include "launchers.h"
 
@@ -35,19 +36,10 @@ __global__ void __launch_bounds__(kThreads)
   const double alpha = coefficients[num_tensors + t];
   const double beta = coefficients[2 * num_tensors + t];
   // Reduced precisions compute in float32, float64 in double (as on the CPU).
-  switch (dtype) {
-    case kFloat16:
-      affine_chunk<kFloat16, float>(x, out, begin, length, mean, alpha, beta);
-      break;
-    case kBFloat16:
-      affine_chunk<kBFloat16, float>(x, out, begin, length, mean, alpha, beta);
-      break;
-    case kFloat32:
-      affine_chunk<kFloat32, float>(x, out, begin, length, mean, alpha, beta);
-      break;
-    default:
-      affine_chunk<kFloat64, double>(x, out, begin, length, mean, alpha, beta);
-  }
+  dispatch_dtype(dtype, "scope_grad: dtype", [&](auto tag) {
+    using C = typename decltype(tag)::compute;
+    affine_chunk<decltype(tag)::code, C>(x, out, begin, length, mean, alpha, beta);
+  });
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda_check.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/dtypes.h"
 #include "fastmerge/moments.h"
 #include "launchers.h"
@@ -23,19 +24,6 @@ __device__ void shifted_sums(const void* data, int64_t begin, int64_t length, do
     const double d = load_as_double<DT>(data, begin + i) - shift;
     s1 += d;
     s2 += d * d;
-  }
-}
-
-__device__ double load_any(int32_t dtype, const void* data, int64_t i) {
-  switch (dtype) {
-    case kFloat16:
-      return load_as_double<kFloat16>(data, i);
-    case kBFloat16:
-      return load_as_double<kBFloat16>(data, i);
-    case kFloat32:
-      return load_as_double<kFloat32>(data, i);
-    default:
-      return load_as_double<kFloat64>(data, i);
   }
 }
 
@@ -86,21 +74,11 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t numel = tensor_table[2 * num_tensors + t];
   const int64_t first_chunk = tensor_table[3 * num_tensors + t];
 
-  const double shift = load_any(dtype, data, begin);
+  const double shift = load_any<double>(data, dtype, begin);
   double s1 = 0.0, s2 = 0.0;
-  switch (dtype) {
-    case kFloat16:
-      shifted_sums<kFloat16>(data, begin, length, shift, s1, s2);
-      break;
-    case kBFloat16:
-      shifted_sums<kBFloat16>(data, begin, length, shift, s1, s2);
-      break;
-    case kFloat32:
-      shifted_sums<kFloat32>(data, begin, length, shift, s1, s2);
-      break;
-    default:
-      shifted_sums<kFloat64>(data, begin, length, shift, s1, s2);
-  }
+  dispatch_dtype(dtype, "scope_stats: dtype", [&](auto tag) {
+    shifted_sums<decltype(tag)::code>(data, begin, length, shift, s1, s2);
+  });
   s1 = block_sum(s1, sum_scratch);
   s2 = block_sum(s2, sum_scratch);
 

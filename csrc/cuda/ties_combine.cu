@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda_check.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/dtypes.h"
 #include "launchers.h"
 #include "rounding.cuh"
@@ -62,30 +63,6 @@ void launch(const void* base, const int64_t* expert_addresses, int64_t num_exper
       static_cast<const C*>(thresholds), scale, out);
 }
 
-template <int32_t DT, typename C>
-void launch_for_output(const void* base, const int64_t* expert_addresses, int64_t num_experts,
-                       int64_t n, const void* thresholds, double scale, void* out,
-                       int32_t out_dtype, cudaStream_t stream) {
-  switch (out_dtype) {
-    case kFloat16:
-      launch<DT, kFloat16, C>(base, expert_addresses, num_experts, n, thresholds, scale, out,
-                              stream);
-      break;
-    case kBFloat16:
-      launch<DT, kBFloat16, C>(base, expert_addresses, num_experts, n, thresholds, scale, out,
-                               stream);
-      break;
-    case kFloat32:
-      launch<DT, kFloat32, C>(base, expert_addresses, num_experts, n, thresholds, scale, out,
-                              stream);
-      break;
-    default:
-      launch<DT, kFloat64, C>(base, expert_addresses, num_experts, n, thresholds, scale, out,
-                              stream);
-      break;
-  }
-}
-
 }  // namespace
 
 void ties_combine(const void* base, const int64_t* expert_addresses, int64_t num_experts,
@@ -93,24 +70,11 @@ void ties_combine(const void* base, const int64_t* expert_addresses, int64_t num
                   int32_t out_dtype, uintptr_t stream) {
   if (n <= 0 || num_experts <= 0) return;
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat16:
-      launch_for_output<kFloat16, float>(base, expert_addresses, num_experts, n, thresholds,
-                                         scale, out, out_dtype, s);
-      break;
-    case kBFloat16:
-      launch_for_output<kBFloat16, float>(base, expert_addresses, num_experts, n, thresholds,
-                                          scale, out, out_dtype, s);
-      break;
-    case kFloat32:
-      launch_for_output<kFloat32, float>(base, expert_addresses, num_experts, n, thresholds,
-                                         scale, out, out_dtype, s);
-      break;
-    default:
-      launch_for_output<kFloat64, double>(base, expert_addresses, num_experts, n, thresholds,
-                                          scale, out, out_dtype, s);
-      break;
-  }
+  dispatch_dtypes(dtype, "ties_combine: dtype", out_dtype, "ties_combine: out_dtype",
+                  [&](auto in, auto o) {
+                    launch<decltype(in)::code, decltype(o)::code, typename decltype(in)::compute>(
+                        base, expert_addresses, num_experts, n, thresholds, scale, out, s);
+                  });
   check(cudaGetLastError(), "ties_combine launch");
 }
 

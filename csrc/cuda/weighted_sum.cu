@@ -1,12 +1,13 @@
 // The weighted sum on the GPU: one thread per entry (grid-stride), sum_t w_t * x_t in a
 // register, one store. The inputs may have different dtypes: the dtype code of each input
-// is uniform across the grid, so the per-input switch never diverges.
+// is uniform across the grid, so the per-input dispatch never diverges.
 //
 // Bit for bit the reference (csrc/cpu/weighted_sum.h describes the arithmetic): the
 // explicit _rn intrinsics keep nvcc from fusing the multiply and the add.
 #include <cuda_runtime.h>
 
 #include "cuda_check.h"
+#include "fastmerge/dispatch.h"
 #include "fastmerge/dtypes.h"
 #include "weighted_sum.h"
 #include "rounding.cuh"
@@ -15,20 +16,6 @@ namespace fastmerge::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename C>
-__device__ __forceinline__ C load(const void* x, int64_t code, int64_t i) {
-  switch (code) {
-    case kFloat16:
-      return static_cast<C>(load_as_double<kFloat16>(x, i));
-    case kBFloat16:
-      return static_cast<C>(load_as_double<kBFloat16>(x, i));
-    case kFloat32:
-      return static_cast<C>(load_as_double<kFloat32>(x, i));
-    default:
-      return static_cast<C>(load_as_double<kFloat64>(x, i));
-  }
-}
 
 template <typename C, int32_t OUT>
 __global__ void __launch_bounds__(kThreads)
@@ -42,7 +29,7 @@ __global__ void __launch_bounds__(kThreads)
       const void* x = reinterpret_cast<const void*>(__ldg(table + t));
       const int64_t code = __ldg(table + count + t);
       const C w = static_cast<C>(__longlong_as_double(__ldg(table + 2 * count + t)));
-      const C product = mul_rn(w, load<C>(x, code, i));
+      const C product = mul_rn(w, load_any<C>(x, code, i));
       acc = t == 0 ? product : add_rn(acc, product);
     }
     store_from_double<OUT>(out, i, static_cast<double>(acc));
@@ -55,20 +42,9 @@ void launch(const int64_t* table, int64_t count, int64_t n, void* out, int32_t o
   const int64_t wanted = (n + kThreads - 1) / kThreads;
   const unsigned blocks = static_cast<unsigned>(wanted < 65535 * 8 ? wanted : 65535 * 8);
   const int c = static_cast<int>(count);
-  switch (out_dtype) {
-    case kFloat16:
-      weighted_sum_kernel<C, kFloat16><<<blocks, kThreads, 0, stream>>>(table, c, n, out);
-      break;
-    case kBFloat16:
-      weighted_sum_kernel<C, kBFloat16><<<blocks, kThreads, 0, stream>>>(table, c, n, out);
-      break;
-    case kFloat32:
-      weighted_sum_kernel<C, kFloat32><<<blocks, kThreads, 0, stream>>>(table, c, n, out);
-      break;
-    default:
-      weighted_sum_kernel<C, kFloat64><<<blocks, kThreads, 0, stream>>>(table, c, n, out);
-      break;
-  }
+  dispatch_dtype(out_dtype, "weighted_sum: out_dtype", [&](auto tag) {
+    weighted_sum_kernel<C, decltype(tag)::code><<<blocks, kThreads, 0, stream>>>(table, c, n, out);
+  });
 }
 
 }  // namespace
