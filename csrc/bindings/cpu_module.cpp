@@ -16,7 +16,6 @@
 #include "../cpu/feature_cost.h"
 #include "../cpu/gram.h"
 #include "../cpu/gta_combine.h"
-#include "../cpu/linear_assignment.h"
 #include "../cpu/lowrank_mixture.h"
 #include "../cpu/magnitude_threshold.h"
 #include "../cpu/nearswap.h"
@@ -27,6 +26,10 @@
 #include "fastmerge/parallel.h"
 
 namespace py = pybind11;
+
+namespace fastmerge::bindings {
+void bind_linear_assignment(py::module_& m);
+}
 
 namespace {
 
@@ -141,27 +144,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("scope_grad", &scope_grad, py::arg("x"), py::arg("out"), py::arg("numels"),
         py::arg("dtypes"), py::arg("coefficients"),
         "out_t = alpha_t + beta_t * (x_t - mean_t); coefficients: float64 rows mean, alpha, beta.");
-  m.def(
-      "linear_assignment",
-      [](uintptr_t cost, bool is_float32, int64_t batch, int64_t rows, int64_t cols,
-         bool maximize, bool generic, uintptr_t row_out, uintptr_t col_out, uintptr_t status) {
-        auto* codes = reinterpret_cast<int32_t*>(status);
-        {
-          py::gil_scoped_release release;
-          fastmerge::cpu::linear_assignment(
-              reinterpret_cast<const void*>(cost), is_float32, batch, rows, cols, maximize,
-              generic, reinterpret_cast<int64_t*>(row_out), reinterpret_cast<int64_t*>(col_out),
-              codes);
-        }
-        for (int64_t b = 0; b < batch; ++b) {
-          if (codes[b] != 0) return b;
-        }
-        return int64_t{-1};
-      },
-      py::arg("cost"), py::arg("is_float32"), py::arg("batch"), py::arg("rows"), py::arg("cols"),
-      py::arg("maximize"), py::arg("generic"), py::arg("row_out"), py::arg("col_out"), py::arg("status"),
-      "Solve batch x rows x cols float32/float64 assignment problems (in float64); status 0 "
-      "ok, 1 infeasible, 2 invalid entry. Returns the first problem that failed, or -1.");
+  fastmerge::bindings::bind_linear_assignment(m);  // linear_assignment_py.cpp
   m.def(
       "feature_center",
       [](uintptr_t x, int32_t dtype, int64_t rows, int64_t cols, int64_t x_row_stride,
