@@ -565,7 +565,9 @@ int64_t solve_batch(const void* cost, int64_t batch, int64_t rows, int64_t cols,
   const int64_t per_problem = rows * cols;
   auto view = [&](int64_t b) { return View<Stored>{data + b * stride_b, rows, cols, stride_r, stride_c}; };
   if (batch == 1) {  // one problem: the threads share its searches
-    const int threads = get_num_threads();
+    // Only a problem wide enough for a team asks for the thread count: until the pool
+    // exists, that reads the CPU count from sysfs (microseconds, more than a tiny solve).
+    const int threads = std::max(rows, cols) >= kTeamMinColumns ? get_num_threads() : 1;
     if (per_problem <= kKeepWorkspace) {
       thread_local Problem<T> kept;
       status[0] = solve_one<Code>(view(0), maximize, generic, threads, kept, row_out, col_out);

@@ -417,3 +417,23 @@ def test_infeasible_problem_in_a_batch_is_named():
 def test_triton_is_not_a_backend_of_this_op():
     with pytest.raises(BackendUnavailableError, match="no triton backend"):
         fastmerge.linear_assignment(torch.rand(3, 3), backend="triton")
+
+
+@pytest.mark.parametrize("convert", ["numpy", "torch"])
+def test_environment_backend_is_honoured_by_the_fast_path(monkeypatch, convert):
+    module = sys.modules["fastmerge.ops.linear_assignment"]
+    calls = []
+    original = module._IMPLEMENTATIONS["reference"]
+
+    def recording(cost, maximize):
+        calls.append(cost.shape)
+        return original(cost, maximize)
+
+    monkeypatch.setitem(module._IMPLEMENTATIONS, "reference", recording)
+    cost = np.random.default_rng(14).random((4, 4))
+    monkeypatch.setenv("FASTMERGE_BACKEND", "reference")
+    fastmerge.linear_assignment(cost if convert == "numpy" else torch.from_numpy(cost))
+    assert calls == [(1, 4, 4)]
+    monkeypatch.delenv("FASTMERGE_BACKEND")
+    fastmerge.linear_assignment(cost if convert == "numpy" else torch.from_numpy(cost))
+    assert calls == [(1, 4, 4)]  # the CPU backend again
