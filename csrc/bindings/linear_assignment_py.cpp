@@ -1,4 +1,4 @@
-// Bindings of the CPU linear assignment (part of fastmerge._C; see cpu_module.cpp).
+// The whole-call entries of the CPU linear assignment (their m.def is in cpu_module.cpp).
 //
 // Besides the raw-pointer entry every op has, two entries solve a whole call, with the
 // outputs allocated here, for the per-call overhead: a tiny problem solves in well under
@@ -14,6 +14,7 @@
 #include <stdexcept>
 
 #include "../cpu/linear_assignment.h"
+#include "linear_assignment_py.h"
 
 namespace py = pybind11;
 
@@ -91,64 +92,36 @@ int32_t numpy_type(const py::dtype& dt) {
 
 }  // namespace
 
-void bind_linear_assignment(py::module_& m) {
-  m.def(
-      "linear_assignment",
-      [](uintptr_t cost, int32_t type, int64_t batch, int64_t rows, int64_t cols,
-         int64_t stride_b, int64_t stride_r, int64_t stride_c, bool maximize, bool generic,
-         uintptr_t row_out, uintptr_t col_out, uintptr_t status) {
-        py::gil_scoped_release release;
-        return cpu::linear_assignment(reinterpret_cast<const void*>(cost), type, batch, rows,
-                                      cols, stride_b, stride_r, stride_c, maximize, generic,
-                                      reinterpret_cast<int64_t*>(row_out),
-                                      reinterpret_cast<int64_t*>(col_out),
-                                      reinterpret_cast<int32_t*>(status));
-      },
-      py::arg("cost"), py::arg("type"), py::arg("batch"), py::arg("rows"), py::arg("cols"),
-      py::arg("stride_b"), py::arg("stride_r"), py::arg("stride_c"), py::arg("maximize"),
-      py::arg("generic"), py::arg("row_out"), py::arg("col_out"), py::arg("status"),
-      "Solve batch x rows x cols assignment problems (element strides, CostType `type`); "
-      "status per problem 0 ok, 1 infeasible, 2 invalid entry, 3 integer beyond 2^53. "
-      "Returns the first problem that failed, or -1.");
-  m.def(
-      "linear_assignment_solve",
-      [](uintptr_t cost, int32_t type, const py::tuple& shape, const py::tuple& strides,
-         bool maximize) {
-        const auto ndim = static_cast<int>(shape.size());
-        if ((ndim != 2 && ndim != 3) || static_cast<int>(strides.size()) != ndim) {
-          throw py::value_error("linear_assignment_solve: shape and strides must be 2-D or 3-D");
-        }
-        int64_t sh[3], st[3];
-        for (int d = 0; d < ndim; ++d) {
-          sh[d] = shape[d].cast<int64_t>();
-          st[d] = strides[d].cast<int64_t>();
-        }
-        return solve(reinterpret_cast<const void*>(cost), type, ndim, sh, st, maximize);
-      },
-      py::arg("cost"), py::arg("type"), py::arg("shape"), py::arg("strides"),
-      py::arg("maximize"),
-      "Solve a 2-D or 3-D strided cost array (element strides); returns (rows, cols, "
-      "failed, status) with numpy int64 outputs.");
-  m.def(
-      "linear_assignment_array",
-      [](const py::array& cost, bool maximize) -> py::object {
-        const auto ndim = static_cast<int>(cost.ndim());
-        const int32_t type = numpy_type(cost.dtype());
-        if ((ndim != 2 && ndim != 3) || type < 0) return py::none();
-        const auto size = static_cast<int64_t>(cost.itemsize());
-        if (reinterpret_cast<uintptr_t>(cost.data()) % size != 0) return py::none();
-        int64_t sh[3], st[3];
-        for (int d = 0; d < ndim; ++d) {
-          sh[d] = static_cast<int64_t>(cost.shape(d));
-          const auto bytes = static_cast<int64_t>(cost.strides(d));
-          if (bytes % size != 0) return py::none();  // unaligned rows: not in place
-          st[d] = bytes / size;
-        }
-        return solve(cost.data(), type, ndim, sh, st, maximize);
-      },
-      py::arg("cost"), py::arg("maximize"),
-      "linear_assignment_solve on a numpy array read in place; None when its dtype, "
-      "layout or rank is not one it reads (the caller converts it first).");
+py::tuple linear_assignment_solve(uintptr_t cost, int32_t type, const py::tuple& shape,
+                                  const py::tuple& strides, bool maximize) {
+  const auto ndim = static_cast<int>(shape.size());
+  if ((ndim != 2 && ndim != 3) || static_cast<int>(strides.size()) != ndim) {
+    throw py::value_error("linear_assignment_solve: shape and strides must be 2-D or 3-D");
+  }
+  int64_t sh[3], st[3];
+  for (int d = 0; d < ndim; ++d) {
+    sh[d] = shape[d].cast<int64_t>();
+    st[d] = strides[d].cast<int64_t>();
+  }
+  return solve(reinterpret_cast<const void*>(cost), type, ndim, sh, st, maximize);
+}
+
+py::object linear_assignment_array(const py::object& object, bool maximize) {
+  if (!py::isinstance<py::array>(object)) return py::none();
+  const auto cost = py::reinterpret_borrow<py::array>(object);
+  const auto ndim = static_cast<int>(cost.ndim());
+  const int32_t type = numpy_type(cost.dtype());
+  if ((ndim != 2 && ndim != 3) || type < 0) return py::none();
+  const auto size = static_cast<int64_t>(cost.itemsize());
+  if (reinterpret_cast<uintptr_t>(cost.data()) % size != 0) return py::none();
+  int64_t sh[3], st[3];
+  for (int d = 0; d < ndim; ++d) {
+    sh[d] = static_cast<int64_t>(cost.shape(d));
+    const auto bytes = static_cast<int64_t>(cost.strides(d));
+    if (bytes % size != 0) return py::none();  // unaligned rows: not in place
+    st[d] = bytes / size;
+  }
+  return solve(cost.data(), type, ndim, sh, st, maximize);
 }
 
 }  // namespace fastmerge::bindings

@@ -31,6 +31,7 @@ _COST_TYPES: dict[torch.dtype, int] = {
     torch.bool: 12,
 }
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_from_numpy = torch.from_numpy
 # float64 holds every integer up to this magnitude exactly.
 _EXACT_INT = 2**53
 
@@ -80,7 +81,8 @@ def linear_assignment(
         >>> rows.tolist(), cols.tolist()
         ([0, 1, 2], [1, 0, 2])
     """
-    maximize = bool(maximize)
+    if maximize is not True and maximize is not False:
+        maximize = bool(maximize)
     # Fast path: a CPU tensor or numpy array for the CPU backend is validated and solved
     # in C++ in one call (it reads every dtype and layout in place), which keeps a tiny
     # problem's call near a microsecond instead of 20.
@@ -92,6 +94,8 @@ def linear_assignment(
                 if cost.ndim in (2, 3):
                     out = ext.linear_assignment_array(cost, maximize)
                     if out is not None:
+                        if out[2] < 0:  # solved (inlined _finish: this path is the hot one)
+                            return _from_numpy(out[0]), _from_numpy(out[1])
                         return _finish(out, cost.ndim == 3, maximize)
             elif kind in _PLAIN_TENSORS and cost.is_cpu and cost.dim() in (2, 3):
                 code = _COST_TYPES.get(cost.dtype)
@@ -99,6 +103,8 @@ def linear_assignment(
                     out = ext.linear_assignment_solve(
                         cost.data_ptr(), code, cost.shape, cost.stride(), maximize
                     )
+                    if out[2] < 0:
+                        return _from_numpy(out[0]), _from_numpy(out[1])
                     return _finish(out, cost.dim() == 3, maximize)
     c = _as_cost_tensor(cost)
     batched = c.dim() == 3
@@ -145,7 +151,7 @@ def _finish(out: tuple, batched: bool, maximize: bool) -> tuple[torch.Tensor, to
     rows, cols, failed, code = out
     if failed >= 0:
         _raise_for_status(code, failed, batched, maximize)
-    return torch.from_numpy(rows), torch.from_numpy(cols)
+    return _from_numpy(rows), _from_numpy(cols)
 
 
 def _cast_error(dtype: object) -> TypeError:
