@@ -26,6 +26,7 @@
 #include "../cpu/weighted_sum.h"
 #include "dtype_errors.h"
 #include "fastmerge/parallel.h"
+#include "linear_assignment_py.h"
 
 namespace py = pybind11;
 
@@ -145,25 +146,42 @@ PYBIND11_MODULE(_C, m) {
         "out_t = alpha_t + beta_t * (x_t - mean_t); coefficients: float64 rows mean, alpha, beta.");
   m.def(
       "linear_assignment",
-      [](uintptr_t cost, bool is_float32, int64_t batch, int64_t rows, int64_t cols,
-         bool maximize, bool generic, uintptr_t row_out, uintptr_t col_out, uintptr_t status) {
-        auto* codes = reinterpret_cast<int32_t*>(status);
-        {
-          py::gil_scoped_release release;
-          fastmerge::cpu::linear_assignment(
-              reinterpret_cast<const void*>(cost), is_float32, batch, rows, cols, maximize,
-              generic, reinterpret_cast<int64_t*>(row_out), reinterpret_cast<int64_t*>(col_out),
-              codes);
-        }
-        for (int64_t b = 0; b < batch; ++b) {
-          if (codes[b] != 0) return b;
-        }
-        return int64_t{-1};
+      [](uintptr_t cost, int32_t type, int64_t batch, int64_t rows, int64_t cols,
+         int64_t stride_b, int64_t stride_r, int64_t stride_c, bool maximize, bool generic,
+         uintptr_t row_out, uintptr_t col_out, uintptr_t status) {
+        py::gil_scoped_release release;
+        return fastmerge::cpu::linear_assignment(
+            reinterpret_cast<const void*>(cost), type, batch, rows, cols, stride_b, stride_r,
+            stride_c, maximize, generic, reinterpret_cast<int64_t*>(row_out),
+            reinterpret_cast<int64_t*>(col_out), reinterpret_cast<int32_t*>(status));
       },
-      py::arg("cost"), py::arg("is_float32"), py::arg("batch"), py::arg("rows"), py::arg("cols"),
-      py::arg("maximize"), py::arg("generic"), py::arg("row_out"), py::arg("col_out"), py::arg("status"),
-      "Solve batch x rows x cols float32/float64 assignment problems (in float64); status 0 "
-      "ok, 1 infeasible, 2 invalid entry. Returns the first problem that failed, or -1.");
+      py::arg("cost"), py::arg("type"), py::arg("batch"), py::arg("rows"), py::arg("cols"),
+      py::arg("stride_b"), py::arg("stride_r"), py::arg("stride_c"), py::arg("maximize"),
+      py::arg("generic"), py::arg("row_out"), py::arg("col_out"), py::arg("status"),
+      "Solve batch x rows x cols assignment problems (element strides, CostType `type`); "
+      "status per problem 0 ok, 1 infeasible, 2 invalid entry, 3 integer beyond 2^53. "
+      "Returns the first problem that failed, or -1.");
+  // The whole-call entries (linear_assignment_py.cpp): outputs allocated in C++, for a
+  // tiny problem's per-call overhead.
+  m.def(
+      "linear_assignment_solve",
+      [](uintptr_t cost, int32_t type, const py::tuple& shape, const py::tuple& strides,
+         bool maximize) {
+        return fastmerge::bindings::linear_assignment_solve(cost, type, shape, strides,
+                                                            maximize);
+      },
+      py::arg("cost"), py::arg("type"), py::arg("shape"), py::arg("strides"),
+      py::arg("maximize"),
+      "Solve a 2-D or 3-D strided cost array (element strides); returns (rows, cols, "
+      "failed, status) with numpy int64 outputs.");
+  m.def(
+      "linear_assignment_array",
+      [](const py::object& cost, bool maximize) {
+        return fastmerge::bindings::linear_assignment_array(cost, maximize);
+      },
+      py::arg("cost"), py::arg("maximize"),
+      "linear_assignment_solve on a numpy array read in place; None when its dtype, "
+      "layout or rank is not one it reads (the caller converts it first).");
   m.def(
       "feature_center",
       [](uintptr_t x, int32_t dtype, int64_t rows, int64_t cols, int64_t x_row_stride,

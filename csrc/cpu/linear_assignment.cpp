@@ -10,19 +10,23 @@
 #include <atomic>
 #include <cmath>
 #include <numeric>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 #include <thread>
 #include <vector>
 
 #include "cpu_loads.h"  // FM_CPU_CLONES
+#include "fastmerge/dtypes.h"  // half_to_float, bfloat16_to_float
 #include "fastmerge/lap.h"
 #include "fastmerge/parallel.h"
 
 namespace fastmerge::cpu {
 namespace {
 
-constexpr int32_t kSolved = 0;
-constexpr int32_t kInfeasible = 1;
-constexpr int32_t kInvalid = 2;
+constexpr int32_t kSolved = kStatusSolved;
+constexpr int32_t kInfeasible = kStatusInfeasible;
+constexpr int32_t kInvalid = kStatusInvalid;
 
 // Columns per block of the vectorized scan: the best block is found with vector min
 // reductions, and only blocks holding the minimum are searched for its column.
@@ -37,7 +41,7 @@ template <typename T>
 struct Problem {
   std::vector<T> cost;  // oriented copy (rows <= cols, minimization), when needed
   std::vector<double> u, v, shortest, closed_col, block_min;  // block_min: per thread
-  std::vector<int64_t> path, col4row, row4col, free_rows, argmin;
+  std::vector<int64_t> path, col4row, row4col, free_rows, argmin, matches;
   std::vector<uint8_t> visited_row;
 
   lap::Workspace resize(int64_t nr, int64_t nc) {
@@ -259,8 +263,12 @@ bool column_reduction(const T* c, int64_t n, Problem<T>& p) {
     std::fill(p.v.begin(), p.v.end(), 0.0);
     return false;
   }
-  std::vector<int64_t> matches(n, 0);
-  for (int64_t j = n - 1; j >= 0; --j) {
+  std::vector<int64_t>& matches = p.matches;
+  matches.assign(n, 0);
+  // Ascending, so that a row that is the minimum of several columns takes the first:
+  // with the tie rule of augmenting_row_reduction this gives scipy's identity assignment
+  // on a constant matrix.
+  for (int64_t j = 0; j < n; ++j) {
     const int64_t i = p.argmin[j];
     if (++matches[i] == 1) {
       p.col4row[i] = j;
@@ -280,6 +288,55 @@ bool column_reduction(const T* c, int64_t n, Problem<T>& p) {
   return true;
 }
 
+// The smallest and second smallest of row[j] - v[j] over j in [0, n), n >= 2: the scan
+// of each augmenting row reduction step, which dominated small and mid-sized problems
+// as a scalar loop with two data-dependent branches. Here each of 8 lanes keeps its own
+// two smallest, branch-free, so that it vectorizes; the lanes are merged at the end.
+// (Tracking each lane's argmin as well measured slower than finding the first column at
+// the minimum afterwards.)
+template <typename T>
+__attribute__((always_inline)) inline void two_smallest_lanes(const T* row, const double* v,
+                                                              int64_t n, double& first,
+                                                              double& second) {
+  constexpr int kLanes = 8;
+  double m1[kLanes], m2[kLanes];
+  for (int l = 0; l < kLanes; ++l) m1[l] = m2[l] = INFINITY;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      const double h = static_cast<double>(row[j + l]) - v[j + l];
+      m2[l] = std::min(m2[l], std::max(m1[l], h));
+      m1[l] = std::min(m1[l], h);
+    }
+  }
+  for (int l = 0; j < n; ++j, ++l) {
+    const double h = static_cast<double>(row[j]) - v[j];
+    m2[l] = std::min(m2[l], std::max(m1[l], h));
+    m1[l] = std::min(m1[l], h);
+  }
+  int best = 0;
+  for (int l = 1; l < kLanes; ++l) best = m1[l] < m1[best] ? l : best;
+  double runner_up = m2[best];
+  for (int l = 0; l < kLanes; ++l) runner_up = l == best ? runner_up : std::min(runner_up, m1[l]);
+  first = m1[best];
+  second = runner_up;
+}
+
+#define FM_TWO_SMALLEST_CLONE(T)                                                  \
+  FM_CPU_CLONES void two_smallest(const T* row, const double* v, int64_t n, double& first, \
+                                  double& second) {                               \
+    two_smallest_lanes(row, v, n, first, second);                                 \
+  }
+FM_TWO_SMALLEST_CLONE(float)
+FM_TWO_SMALLEST_CLONE(double)
+#undef FM_TWO_SMALLEST_CLONE
+// From this many columns the vectorized scan is used. The scalar one, which tracks both
+// columns in its single pass, wins only when the branch predictor has learned the
+// matrix (the same instance solved again and again, as a benchmark loop does): on
+// distinct random matrices its mispredicted branches made n = 32..128 1.3-1.5x slower.
+constexpr int64_t kVectorTwoSmallest = 16;
+
 // Augmenting row reduction (JV's third phase), one pass over the free rows: a free row
 // takes its best column, pushing out the owner, and lowers that column's v by the gap
 // to its second best. On random costs it assigns most rows cheaply. One pass with a
@@ -298,19 +355,27 @@ void augmenting_row_reduction(const T* c, int64_t n, Problem<T>& p) {
   while (k < previous && budget-- > 0) {
     const int64_t i = p.free_rows[k++];
     const T* row = c + i * n;
-    double u1 = static_cast<double>(row[0]) - p.v[0], u2 = INFINITY;
-    int64_t j1 = 0, j2 = -1;
-    for (int64_t j = 1; j < n; ++j) {
-      const double h = static_cast<double>(row[j]) - p.v[j];
-      if (h < u2) {
-        if (h >= u1) {
-          u2 = h;
-          j2 = j;
-        } else {
-          u2 = u1;
-          u1 = h;
-          j2 = j1;
-          j1 = j;
+    double u1, u2;
+    int64_t j1 = 0, j2 = -1;  // j2: the runner-up's column, when the scan tracks it
+    if (n >= kVectorTwoSmallest) {
+      two_smallest(row, p.v.data(), n, u1, u2);
+      // The first column at the minimum (the scan's own subtraction: bitwise equal).
+      while (static_cast<double>(row[j1]) - p.v[j1] != u1) ++j1;
+    } else {  // short rows: one pass that also tracks both columns is faster
+      u1 = static_cast<double>(row[0]) - p.v[0];
+      u2 = INFINITY;
+      for (int64_t j = 1; j < n; ++j) {
+        const double h = static_cast<double>(row[j]) - p.v[j];
+        if (h < u2) {
+          if (h >= u1) {
+            u2 = h;
+            j2 = j;
+          } else {
+            u2 = u1;
+            u1 = h;
+            j2 = j1;
+            j1 = j;
+          }
         }
       }
     }
@@ -319,7 +384,18 @@ void augmenting_row_reduction(const T* c, int64_t n, Problem<T>& p) {
     if (strictly_better) {
       p.v[j1] -= u2 - u1;
     } else if (i0 >= 0) {
-      j1 = j2;  // a tie: take the second column instead of displacing its owner
+      // A tie: take the first free column among the tied minima when there is one
+      // (nobody is displaced; scipy's choice on ties), else the next tied column.
+      int64_t free_tie = -1;
+      for (int64_t j = 0; j < n; ++j) {
+        if (j == j1 || static_cast<double>(row[j]) - p.v[j] != u1) continue;
+        if (p.row4col[j] == -1) {
+          free_tie = j;
+          break;
+        }
+        if (j2 < 0) j2 = j;
+      }
+      j1 = free_tie >= 0 ? free_tie : j2;
       i0 = p.row4col[j1];
     }
     if (i0 >= 0) p.col4row[i0] = -1;
@@ -397,24 +473,83 @@ int64_t assign(const T* c, int64_t nr, int64_t nc, const lap::Workspace& w, Prob
   return failed;
 }
 
-// Solves one problem; returns kSolved, kInfeasible or kInvalid.
-template <typename T>
-int32_t solve_one(const T* input, int64_t rows, int64_t cols, bool maximize, bool generic,
-                  int threads, Problem<T>& p, int64_t* row_out, int64_t* col_out) {
-  const bool transpose = rows > cols;
-  const int64_t nr = transpose ? cols : rows;
-  const int64_t nc = transpose ? rows : cols;
-  const T* c = input;
-  if (transpose || maximize) {  // orient as nr <= nc, minimization
-    p.cost.resize(nr * nc);
-    for (int64_t i = 0; i < nr; ++i) {
-      for (int64_t j = 0; j < nc; ++j) {
-        const T x = transpose ? input[j * cols + i] : input[i * cols + j];
-        p.cost[i * nc + j] = maximize ? -x : x;
-      }
+// Source element types: the stored type, the solver's type, and the widening.
+template <int32_t Code>
+struct Source;
+#define FM_SOURCE(CODE, STORED, SOLVER, TOO_LARGE)                                    \
+  template <>                                                                         \
+  struct Source<CODE> {                                                               \
+    using Stored = STORED;                                                            \
+    using Solver = SOLVER;                                                            \
+    static Solver read(Stored x) { return static_cast<Solver>(x); }                   \
+    static bool too_large(Stored x) { return TOO_LARGE; }                             \
+  };
+// 2^53: the largest magnitude up to which double holds every integer.
+constexpr int64_t kExactInt = int64_t{1} << 53;
+FM_SOURCE(kCostFloat64, double, double, false)
+FM_SOURCE(kCostFloat32, float, float, false)
+FM_SOURCE(kCostInt8, int8_t, float, false)
+FM_SOURCE(kCostInt16, int16_t, float, false)
+FM_SOURCE(kCostInt32, int32_t, double, false)
+FM_SOURCE(kCostInt64, int64_t, double, (x > kExactInt || x < -kExactInt))
+FM_SOURCE(kCostUInt8, uint8_t, float, false)
+FM_SOURCE(kCostUInt16, uint16_t, float, false)
+FM_SOURCE(kCostUInt32, uint32_t, double, false)
+FM_SOURCE(kCostUInt64, uint64_t, double, (x > static_cast<uint64_t>(kExactInt)))
+FM_SOURCE(kCostBool, uint8_t, float, false)
+#undef FM_SOURCE
+template <>
+struct Source<kCostFloat16> {
+  using Stored = uint16_t;
+  using Solver = float;
+  static float read(uint16_t x) { return half_to_float(x); }
+  static bool too_large(uint16_t) { return false; }
+};
+template <>
+struct Source<kCostBFloat16> {
+  using Stored = uint16_t;
+  using Solver = float;
+  static float read(uint16_t x) { return bfloat16_to_float(x); }
+  static bool too_large(uint16_t) { return false; }
+};
+
+// One problem's costs as given: element (i, j) at data[i * sr + j * sc].
+template <typename Stored>
+struct View {
+  const Stored* data;
+  int64_t rows, cols, sr, sc;
+};
+
+// Copies a view into `out` oriented as the solver wants it (nr <= nc rows, contiguous,
+// negated when maximizing). Returns false when an entry cannot be widened exactly.
+template <int32_t Code, typename T = typename Source<Code>::Solver>
+bool load_oriented(const View<typename Source<Code>::Stored>& in, bool transpose,
+                   bool maximize, std::vector<T>& out) {
+  using S = Source<Code>;
+  const int64_t nr = transpose ? in.cols : in.rows;
+  const int64_t nc = transpose ? in.rows : in.cols;
+  out.resize(nr * nc);
+  // Transposed: walk the source row by row (contiguous reads) and scatter.
+  const int64_t out_r = transpose ? 1 : nc, out_c = transpose ? nc : 1;
+  bool exact = true;
+  for (int64_t i = 0; i < in.rows; ++i) {
+    const auto* src = in.data + i * in.sr;
+    T* dst = out.data() + i * out_r;
+    for (int64_t j = 0; j < in.cols; ++j) {
+      const auto x = src[j * in.sc];
+      if constexpr (Code == kCostInt64 || Code == kCostUInt64) exact &= !S::too_large(x);
+      const T y = S::read(x);
+      dst[j * out_c] = maximize ? -y : y;
     }
-    c = p.cost.data();
   }
+  return exact;
+}
+
+// Solves one oriented problem (c: nr x nc, nr <= nc, minimization, contiguous) and
+// writes its pairs in the caller's orientation; returns a CostStatus.
+template <typename T>
+int32_t solve_oriented(const T* c, int64_t nr, int64_t nc, bool transpose, bool generic,
+                       int threads, Problem<T>& p, int64_t* row_out, int64_t* col_out) {
   const lap::Workspace w = p.resize(nr, nc);
   // Square problems start with JV's reductions; its first pass also proves every entry
   // finite. Otherwise (or when that check fails) look for invalid entries on their own.
@@ -434,49 +569,120 @@ int32_t solve_one(const T* input, int64_t rows, int64_t cols, bool maximize, boo
     }
     return kSolved;
   }
-  // Transposed: rows of the answer are the columns' matches, reported in row order.
-  std::vector<int64_t> order(nr);
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(),
-            [&](int64_t a, int64_t b) { return p.col4row[a] < p.col4row[b]; });
-  for (int64_t k = 0; k < nr; ++k) {
-    row_out[k] = p.col4row[order[k]];
-    col_out[k] = order[k];
+  // Transposed: row4col-like inversion. col4row[k] is the original row matched to
+  // original column k; report the pairs by ascending original row (a counting pass:
+  // the matched rows are distinct).
+  p.matches.assign(nc, -1);
+  for (int64_t k = 0; k < nr; ++k) p.matches[p.col4row[k]] = k;
+  for (int64_t r = 0, k = 0; r < nc; ++r) {
+    if (p.matches[r] < 0) continue;
+    row_out[k] = r;
+    col_out[k] = p.matches[r];
+    ++k;
   }
   return kSolved;
 }
 
-template <typename T>
-void solve_batch(const T* cost, int64_t batch, int64_t rows, int64_t cols, bool maximize,
-                 bool generic, int64_t* row_out, int64_t* col_out, int32_t* status) {
+// Solves one problem given as a view; returns a CostStatus.
+template <int32_t Code>
+int32_t solve_one(const View<typename Source<Code>::Stored>& in, bool maximize, bool generic,
+                  int threads, Problem<typename Source<Code>::Solver>& p, int64_t* row_out,
+                  int64_t* col_out) {
+  using T = typename Source<Code>::Solver;
+  const bool transpose = in.rows > in.cols;
+  const int64_t nr = transpose ? in.cols : in.rows;
+  const int64_t nc = transpose ? in.rows : in.cols;
+  const T* c;
+  constexpr bool same = std::is_same_v<typename Source<Code>::Stored, T> &&
+                        Code != kCostBool;  // bool is stored as uint8: never "same"
+  if constexpr (same) {
+    const bool direct = !transpose && !maximize && in.sc == 1 && in.sr == in.cols;
+    if (direct) {
+      c = in.data;
+    } else {
+      load_oriented<Code>(in, transpose, maximize, p.cost);
+      c = p.cost.data();
+    }
+  } else {
+    if (!load_oriented<Code>(in, transpose, maximize, p.cost)) return kStatusTooLarge;
+    c = p.cost.data();
+  }
+  return solve_oriented(c, nr, nc, transpose, generic, threads, p, row_out, col_out);
+}
+
+// Problems up to this many entries reuse a thread's working memory across calls (a tiny
+// problem otherwise spends more time allocating than solving); larger ones free theirs.
+constexpr int64_t kKeepWorkspace = 1 << 16;
+
+template <int32_t Code>
+int64_t solve_batch(const void* cost, int64_t batch, int64_t rows, int64_t cols,
+                    int64_t stride_b, int64_t stride_r, int64_t stride_c, bool maximize,
+                    bool generic, int64_t* row_out, int64_t* col_out, int32_t* status) {
+  using Stored = typename Source<Code>::Stored;
+  using T = typename Source<Code>::Solver;
+  const auto* data = static_cast<const Stored*>(cost);
   const int64_t pairs = std::min(rows, cols);
   const int64_t per_problem = rows * cols;
-  // Weight each problem by its size so that threads get equal work.
-  std::vector<int64_t> weights(batch + 1);
-  for (int64_t b = 0; b <= batch; ++b) weights[b] = b * std::max<int64_t>(per_problem, 1);
-  // Several problems: one thread each. One problem: the threads share its searches.
-  const int team_threads = batch == 1 ? get_num_threads() : 1;
-  parallel_ranges(batch, weights, 1, [&](int64_t first, int64_t last) {
-    Problem<T> p;
-    for (int64_t b = first; b < last; ++b) {
-      status[b] = solve_one(cost + b * per_problem, rows, cols, maximize, generic, team_threads,
-                            p, row_out + b * pairs, col_out + b * pairs);
+  auto view = [&](int64_t b) { return View<Stored>{data + b * stride_b, rows, cols, stride_r, stride_c}; };
+  if (batch == 1) {  // one problem: the threads share its searches
+    // Only a problem wide enough for a team asks for the thread count: until the pool
+    // exists, that reads the CPU count from sysfs (microseconds, more than a tiny solve).
+    const int threads = std::max(rows, cols) >= kTeamMinColumns ? get_num_threads() : 1;
+    if (per_problem <= kKeepWorkspace) {
+      thread_local Problem<T> kept;
+      status[0] = solve_one<Code>(view(0), maximize, generic, threads, kept, row_out, col_out);
+    } else {
+      Problem<T> p;
+      status[0] = solve_one<Code>(view(0), maximize, generic, threads, p, row_out, col_out);
     }
-  });
+  } else {
+    // Several problems: one thread each, problems weighted by size for equal work.
+    std::vector<int64_t> weights(batch + 1);
+    for (int64_t b = 0; b <= batch; ++b) weights[b] = b * std::max<int64_t>(per_problem, 1);
+    parallel_ranges(batch, weights, 1, [&](int64_t first, int64_t last) {
+      Problem<T> p;
+      for (int64_t b = first; b < last; ++b) {
+        status[b] = solve_one<Code>(view(b), maximize, generic, 1, p, row_out + b * pairs,
+                                    col_out + b * pairs);
+      }
+    });
+  }
+  for (int64_t b = 0; b < batch; ++b) {
+    if (status[b] != kSolved) return b;
+  }
+  return -1;
 }
 
 }  // namespace
 
-void linear_assignment(const void* cost, bool is_float32, int64_t batch, int64_t rows,
-                       int64_t cols, bool maximize, bool generic, int64_t* row_out,
-                       int64_t* col_out, int32_t* status) {
-  if (is_float32) {
-    solve_batch(static_cast<const float*>(cost), batch, rows, cols, maximize, generic, row_out,
-                col_out, status);
-  } else {
-    solve_batch(static_cast<const double*>(cost), batch, rows, cols, maximize, generic, row_out,
-                col_out, status);
+int64_t linear_assignment(const void* cost, int32_t type, int64_t batch, int64_t rows,
+                          int64_t cols, int64_t stride_b, int64_t stride_r, int64_t stride_c,
+                          bool maximize, bool generic, int64_t* row_out, int64_t* col_out,
+                          int32_t* status) {
+  if (batch <= 0 || rows <= 0 || cols <= 0) return -1;
+#define FM_CASE(CODE)                                                                  \
+  case CODE:                                                                           \
+    return solve_batch<CODE>(cost, batch, rows, cols, stride_b, stride_r, stride_c,    \
+                             maximize, generic, row_out, col_out, status);
+  switch (type) {
+    FM_CASE(kCostFloat64)
+    FM_CASE(kCostFloat32)
+    FM_CASE(kCostFloat16)
+    FM_CASE(kCostBFloat16)
+    FM_CASE(kCostInt8)
+    FM_CASE(kCostInt16)
+    FM_CASE(kCostInt32)
+    FM_CASE(kCostInt64)
+    FM_CASE(kCostUInt8)
+    FM_CASE(kCostUInt16)
+    FM_CASE(kCostUInt32)
+    FM_CASE(kCostUInt64)
+    FM_CASE(kCostBool)
+    default:
+      throw std::invalid_argument("linear_assignment: unknown cost type code " +
+                                  std::to_string(type));
   }
+#undef FM_CASE
 }
 
 }  // namespace fastmerge::cpu

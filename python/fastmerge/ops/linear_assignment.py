@@ -1,17 +1,39 @@
-"""``linear_assignment``: exact, batched linear sum assignment with scipy's semantics."""
+"""``linear_assignment``: exact, batched linear sum assignment with scipy's contract."""
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from .. import backends
-from .._tensors import TensorLike, as_tensor
+from .._tensors import TensorLike
 from ..reference import linear_assignment as reference
 
 IMPLEMENTED = ("reference", "cpu", "cuda")
-_SOLVED, _INFEASIBLE, _INVALID = 0, 1, 2
+_SOLVED, _INFEASIBLE, _INVALID, _TOO_LARGE = 0, 1, 2, 3
+# Cost element types the CPU solver reads in place (CostType, csrc/cpu/linear_assignment.h).
+_COST_TYPES: dict[torch.dtype, int] = {
+    torch.float64: 0,
+    torch.float32: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+    torch.int8: 4,
+    torch.int16: 5,
+    torch.int32: 6,
+    torch.int64: 7,
+    torch.uint8: 8,
+    torch.uint16: 9,
+    torch.uint32: 10,
+    torch.uint64: 11,
+    torch.bool: 12,
+}
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_from_numpy = torch.from_numpy
+# float64 holds every integer up to this magnitude exactly.
+_EXACT_INT = 2**53
 
 
 def linear_assignment(
@@ -19,19 +41,27 @@ def linear_assignment(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve the linear sum assignment problem exactly, one matrix or a batch.
 
-    Same contract as ``scipy.optimize.linear_sum_assignment``: for an (n, m) cost matrix
-    it returns ``(row_ind, col_ind)`` with ``min(n, m)`` pairs, rows ascending, minimizing
-    ``cost[row_ind, col_ind].sum()`` (maximizing with ``maximize=True``). Rectangular
-    matrices work in both orientations; ``+inf`` marks a forbidden pair. A (B, n, m)
-    input solves all B problems and returns two (B, min(n, m)) index tensors. Costs are
-    solved in float64, so float32 input gives the optimum of its float64 cast.
+    A drop-in for ``scipy.optimize.linear_sum_assignment``: for an (n, m) cost matrix it
+    returns ``(row_ind, col_ind)`` with ``min(n, m)`` pairs, rows ascending, minimizing
+    ``cost[row_ind, col_ind].sum()`` (maximizing with ``maximize=True``). It takes what
+    scipy takes (nested lists, ``np.matrix``, floating, integer and boolean arrays) and
+    raises the errors scipy raises, with the same leading words. Rectangular matrices work
+    in both orientations; ``+inf`` marks a forbidden pair (``-inf`` when maximizing). A
+    constant matrix gives the identity assignment, as in scipy. Beyond scipy: a
+    (B, n, m) input solves all B problems and returns two (B, min(n, m)) index tensors,
+    and torch tensors (CPU or CUDA) and DLPack arrays are read in place.
+
+    Every problem is solved exactly in float64: float16, bfloat16, float32, booleans and
+    integers widen without rounding; integers beyond 2**53 in magnitude, which float64
+    cannot hold, raise instead of being rounded.
 
     CPU: Jonker-Volgenant (column reduction, reduction transfer, augmenting row
     reduction, then shortest augmenting paths), problems of a batch spread over threads.
     GPU (``cuda``): one thread block per problem running the same augmenting-path core.
 
     Args:
-        cost: (n, m) or (B, n, m) real floating tensor, numpy array or DLPack array.
+        cost: (n, m) or (B, n, m) real costs: torch tensor, numpy array, DLPack array or
+            anything ``numpy.asarray`` turns into a numeric array.
         maximize: maximize the total instead of minimizing it.
         backend: ``"reference"``, ``"cpu"`` or ``"cuda"``; default by device.
 
@@ -39,38 +69,134 @@ def linear_assignment(
         ``(row_ind, col_ind)`` int64 tensors on the cost's device.
 
     Raises:
-        ValueError: NaN or ``-inf`` entries (``+inf`` when maximizing), a problem with no
-            finite complete assignment (its batch index is named), or a cost that is not
-            2-D or 3-D.
-        TypeError: an integer, boolean or complex cost.
+        ValueError: ``"matrix contains invalid numeric entries"`` (NaN, ``-inf``; ``+inf``
+            when maximizing), ``"cost matrix is infeasible"`` (no assignment avoids the
+            forbidden pairs; a batch names the problem's index), ``"expected a matrix"``
+            (not 2-D or 3-D), or an integer beyond 2**53 in magnitude.
+        TypeError: ``"Cannot cast array data"``: a complex, string or object cost.
 
     Example:
-        >>> import torch, fastmerge
-        >>> cost = torch.tensor([[4.0, 1.0, 3.0], [2.0, 0.0, 5.0], [3.0, 2.0, 2.0]])
-        >>> rows, cols = fastmerge.linear_assignment(cost)
-        >>> cols.tolist(), cost[rows, cols].sum().item()
-        ([1, 0, 2], 5.0)
+        >>> import fastmerge
+        >>> rows, cols = fastmerge.linear_assignment([[4, 1, 3], [2, 0, 5], [3, 2, 2]])
+        >>> rows.tolist(), cols.tolist()
+        ([0, 1, 2], [1, 0, 2])
     """
-    c = as_tensor(cost, "cost")
-    if c.is_complex() or not c.is_floating_point():
-        raise TypeError(f"cost must be a real floating tensor, got dtype {c.dtype}")
-    if c.dim() not in (2, 3):
-        raise ValueError(f"cost must be 2-D (n, m) or 3-D (B, n, m), got shape {tuple(c.shape)}")
+    if maximize is not True and maximize is not False:
+        maximize = bool(maximize)
+    # Fast path: a CPU tensor or numpy array for the CPU backend is validated and solved
+    # in C++ in one call (it reads every dtype and layout in place), which keeps a tiny
+    # problem's call near a microsecond instead of 20.
+    if backend is None or backend == "cpu":
+        ext = _fast_cpu(backend)
+        if ext is not None:
+            kind = type(cost)
+            if kind is np.ndarray:
+                if cost.ndim in (2, 3):
+                    out = ext.linear_assignment_array(cost, maximize)
+                    if out is not None:
+                        if out[2] < 0:  # solved (inlined _finish: this path is the hot one)
+                            return _from_numpy(out[0]), _from_numpy(out[1])
+                        return _finish(out, cost.ndim == 3, maximize)
+            elif kind in _PLAIN_TENSORS and cost.is_cpu and cost.dim() in (2, 3):
+                code = _COST_TYPES.get(cost.dtype)
+                if code is not None and not cost.is_neg():
+                    out = ext.linear_assignment_solve(
+                        cost.data_ptr(), code, cost.shape, cost.stride(), maximize
+                    )
+                    if out[2] < 0:
+                        return _from_numpy(out[0]), _from_numpy(out[1])
+                    return _finish(out, cost.dim() == 3, maximize)
+    c = _as_cost_tensor(cost)
     batched = c.dim() == 3
+    name = backends.resolve_backend(backend, c.device, IMPLEMENTED)
+    if name == "cpu":  # the C++ entry reads every dtype and layout in place
+        c = c.resolve_neg()
+        out = backends.cpu_extension().linear_assignment_solve(
+            c.data_ptr(), _COST_TYPES[c.dtype], tuple(c.shape), c.stride(), maximize
+        )
+        return _finish(out, batched, maximize)
     problems = c if batched else c.unsqueeze(0)
     batch, n, m = problems.shape
-    name = backends.resolve_backend(backend, c.device, IMPLEMENTED)
     if batch == 0 or n == 0 or m == 0:
         empty = torch.zeros((batch, 0), dtype=torch.int64, device=c.device)
         return (empty, empty.clone()) if batched else (empty[0], empty[0].clone())
-    # float32 stays float32 for the CPU solver (it widens exactly while reading); other
-    # dtypes become float64.
-    keep = name == "cpu" and problems.dtype == torch.float32
-    problems = (problems if keep else problems.to(torch.float64)).contiguous()
-    rows, cols, status, failed = _IMPLEMENTATIONS[name](problems, bool(maximize))
+    _check_exact(problems, batched)
+    problems = problems.to(torch.float64).contiguous()
+    rows, cols, status, failed = _IMPLEMENTATIONS[name](problems, maximize)
     if failed >= 0:
         _raise_for_status(int(status[failed]), failed, batched, maximize)
     return (rows, cols) if batched else (rows[0], cols[0])
+
+
+def _fast_cpu(backend: Optional[str]) -> Any:
+    """The CPU extension when this call goes to the CPU backend by default or by name,
+    else None (then the general path resolves the backend and words any error)."""
+    if backend is None:
+        requested = _ENVIRON_DATA.get(_ENV_KEY) if _ENVIRON_DATA is not None else None
+        if requested is None and _ENVIRON_DATA is None:
+            requested = os.environ.get(backends.ENV_BACKEND)
+        if requested and requested not in ("cpu", b"cpu"):
+            return None
+    return backends._import("fastmerge._C")[0]
+
+
+# os.environ.get costs a microsecond when the variable is unset (it raises and catches a
+# KeyError); os.environ's own dict (kept in step by os.environ and monkeypatch.setenv)
+# answers in 20 ns. Python builds without it use os.environ.get.
+_ENVIRON_DATA: Optional[dict] = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(backends.ENV_BACKEND) if _ENVIRON_DATA is not None else None
+
+
+def _finish(out: tuple, batched: bool, maximize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols, failed, code = out
+    if failed >= 0:
+        _raise_for_status(code, failed, batched, maximize)
+    return _from_numpy(rows), _from_numpy(cols)
+
+
+def _cast_error(dtype: object) -> TypeError:
+    # scipy's words (numpy's safe-cast error), then what fastmerge takes.
+    return TypeError(
+        f"Cannot cast array data from {dtype!r} to dtype('float64') according to the rule "
+        "'safe': cost must hold real numbers (a floating, integer or boolean dtype), got "
+        f"dtype {dtype}"
+    )
+
+
+def _as_cost_tensor(cost: TensorLike) -> torch.Tensor:
+    """`cost` as a real tensor of rank 2 or 3 (in place when possible), with scipy's
+    conversions (``numpy.asarray``) and errors, checked in scipy's order."""
+    if isinstance(cost, torch.Tensor):
+        c = cost
+    elif not isinstance(cost, np.ndarray) and hasattr(cost, "__dlpack__"):
+        c = torch.from_dlpack(cost)
+    else:
+        array = np.asarray(cost)  # nested lists, np.matrix, scalars
+        if array.dtype.kind not in "biuf" or array.dtype.itemsize > 8:
+            raise _cast_error(array.dtype)
+        if not array.dtype.isnative:
+            array = array.astype(array.dtype.newbyteorder("="))
+        c = torch.from_numpy(array)
+    if c.dtype not in _COST_TYPES:
+        raise _cast_error(c.dtype)
+    if c.dim() not in (2, 3):
+        raise ValueError(
+            f"expected a matrix (2-D array), got a {c.dim()}-D array: cost must be 2-D "
+            f"(n, m) or 3-D (B, n, m), got shape {tuple(c.shape)}"
+        )
+    return c
+
+
+def _check_exact(c: torch.Tensor, batched: bool) -> None:
+    """Raise for 64-bit integers that float64 cannot hold (the C++ path checks its own);
+    `c` is (B, n, m)."""
+    if c.dtype not in (torch.int64, torch.uint64) or c.numel() == 0:
+        return
+    as_int = c.view(torch.int64)  # uint64 entries from 2**63 on read as negative
+    low = -_EXACT_INT if c.dtype == torch.int64 else 0
+    bad = ((as_int > _EXACT_INT) | (as_int < low)).flatten(1).any(1).nonzero()
+    if bad.numel():
+        _raise_for_status(_TOO_LARGE, int(bad[0]), batched, False)
 
 
 def _first_failure(status: torch.Tensor) -> int:
@@ -79,11 +205,24 @@ def _first_failure(status: torch.Tensor) -> int:
 
 
 def _raise_for_status(code: int, b: int, batched: bool, maximize: bool) -> None:
+    # scipy's words first (its tests match them), then fastmerge's detail.
     where = f" (batch index {b})" if batched else ""
+    forbidden = "-inf" if maximize else "+inf"
     if code == _INVALID:
-        forbidden = "+inf (with maximize=True)" if maximize else "-inf"
-        raise ValueError(f"cost contains NaN or {forbidden}{where}; use +inf for forbidden pairs")
-    raise ValueError(f"cost matrix is infeasible{where}: no assignment avoids the +inf entries")
+        bad = "+inf (with maximize=True)" if maximize else "-inf"
+        raise ValueError(
+            f"matrix contains invalid numeric entries{where}: cost contains NaN or {bad}; "
+            f"use {forbidden} for forbidden pairs"
+        )
+    if code == _TOO_LARGE:
+        raise ValueError(
+            f"cost has integer entries beyond 2**53 in magnitude{where}, which float64 "
+            "cannot hold exactly; convert cost to float64 first to accept the rounding"
+        )
+    raise ValueError(
+        f"cost matrix is infeasible{where}: no complete assignment avoids the forbidden "
+        f"({forbidden}) entries"
+    )
 
 
 # Each backend returns (rows, cols, status, index of the first failed problem or -1).
@@ -100,13 +239,14 @@ def _run_cpu(cost: torch.Tensor, maximize: bool, generic: bool = False):
     pairs = min(n, m)
     rows = torch.empty((batch, pairs), dtype=torch.int64)
     cols = torch.empty((batch, pairs), dtype=torch.int64)
-    status = torch.empty(batch, dtype=torch.int32)
+    status = torch.zeros(batch, dtype=torch.int32)
     failed = backends.cpu_extension().linear_assignment(
         cost.data_ptr(),
-        cost.dtype == torch.float32,
+        _COST_TYPES[cost.dtype],
         batch,
         n,
         m,
+        *cost.stride(),
         maximize,
         generic,
         rows.data_ptr(),
