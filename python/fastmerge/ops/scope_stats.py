@@ -53,7 +53,7 @@ def scope_stats(tensors: Sequence[TensorLike], *, backend: Optional[str] = None)
     if not ts:
         empty = torch.empty(0, dtype=torch.float64)
         return ScopeStats(empty, empty.clone(), empty.clone())
-    table = _OP(ts, backend)
+    table = scope_stats_op(ts, backend)
     return ScopeStats(table[0], table[1], table[2])
 
 
@@ -160,7 +160,7 @@ _IMPLEMENTATIONS = {
     "triton": _run_triton,
 }
 
-_OP = define(
+scope_stats_op = define(
     "scope_stats",
     "(Tensor[] tensors, str? backend) -> Tensor",
     _kernel,
