@@ -39,8 +39,8 @@ class ScopeStats:
     names: Optional[tuple[str, ...]] = None
 
     def __post_init__(self) -> None:
-        shapes = {tuple(self.mean.shape), tuple(self.std.shape), tuple(self.count.shape)}
-        if len(shapes) != 1 or self.mean.dim() != 1:
+        shape = self.mean.shape
+        if len(shape) != 1 or self.std.shape != shape or self.count.shape != shape:
             raise ValueError(
                 "ScopeStats.mean, .std and .count must be 1-D tensors of one length, got shapes "
                 f"{tuple(self.mean.shape)}, {tuple(self.std.shape)}, {tuple(self.count.shape)}"

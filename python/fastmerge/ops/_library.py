@@ -124,20 +124,19 @@ class Op:
         or tracing, for tensors that are not plain ones, or when autograd must record it."""
         if _is_compiling() or _dispatch_modes() or _functorch_active():
             return True
+        grad = self.differentiable and torch.is_grad_enabled()
         for i in self._tensor_args:
             t = args[i]
-            if t is not None and type(t) not in _PLAIN:
+            if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
                 return True
         for i in self._list_args:
-            if not _PLAIN.issuperset(map(type, args[i])):
+            ts = args[i]
+            if not _PLAIN.issuperset(map(type, ts)):
                 return True
-        if self.differentiable and torch.is_grad_enabled():
-            for i in self._tensor_args:
-                if args[i] is not None and args[i].requires_grad:
-                    return True
-            for i in self._list_args:
-                if any(t.requires_grad for t in args[i]):
-                    return True
+            if grad:
+                for t in ts:
+                    if t.requires_grad:
+                        return True
         return False
 
 
@@ -212,7 +211,12 @@ def define(
 def tracing(*tensors: Any) -> bool:
     """Whether the tensors are being traced (torch.compile, torch.export, a dispatch mode)
     or have no data of their own (fake tensors, subclasses): checks that read data
-    pointers, such as the overlap of an `out` with an input, do not apply then."""
+    pointers, such as the overlap of an `out` with an input, do not apply then.
+
+    Example:
+        >>> tracing(torch.ones(2)), tracing(torch.empty(2, device="meta"))
+        (False, False)
+    """
     if _is_compiling() or _dispatch_modes():
         return True
     return not _PLAIN.issuperset(map(type, tensors))
@@ -223,12 +227,18 @@ def resolve(
 ) -> str:
     """:func:`fastmerge.backends.resolve_backend`, remembered per (request, environment,
     device): a kernel on a tiny input must not spend a microsecond re-probing the
-    extensions. Only successful resolutions are remembered; errors are raised each time."""
-    environ = os.environ
-    # backends.unavailable_reason in the key: a replaced probe (tests) is a new situation
-    key = (backend, environ.get(backends.ENV_BACKEND), environ.get("TRITON_INTERPRET"), device,
+    extensions. Only successful resolutions are remembered; errors are raised each time.
+
+    Example:
+        >>> resolve(None, torch.device("cpu")), resolve("reference", torch.device("cpu"))
+        ('cpu', 'reference')
+    """
+    # The environment as os.environ keeps it (os.environ.get decodes: ~0.4 us a read);
+    # backends.unavailable_reason in the key: a replaced probe (tests) is a new situation.
+    key = (backend, _ENVIRON.get(_ENV_BACKEND), _ENVIRON.get(_ENV_TRITON), device,
            backends.unavailable_reason)  # fmt: skip
-    key = key if implemented is backends.BACKENDS else (*key, implemented)
+    if implemented is not backends.BACKENDS:
+        key = (*key, implemented)
     name = _RESOLVED.get(key)
     if name is None:
         name = backends.resolve_backend(backend, device, implemented)
@@ -237,6 +247,12 @@ def resolve(
 
 
 _RESOLVED: dict[tuple, str] = {}
+_ENVIRON = getattr(os.environ, "_data", None)
+if isinstance(_ENVIRON, dict) and hasattr(os.environ, "encodekey"):
+    _ENV_BACKEND = os.environ.encodekey(backends.ENV_BACKEND)
+    _ENV_TRITON = os.environ.encodekey("TRITON_INTERPRET")
+else:  # another Python: the public mapping
+    _ENVIRON, _ENV_BACKEND, _ENV_TRITON = os.environ, backends.ENV_BACKEND, "TRITON_INTERPRET"
 
 
 def _autograd_fallback(

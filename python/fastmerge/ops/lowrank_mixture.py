@@ -90,7 +90,7 @@ def lowrank_mixture(
     Returns:
         (N, ..., d_out) in x's dtype. float16/bfloat16 are computed in float32.
         Differentiable with respect to every tensor argument (the backward uses torch
-        ops).
+        ops; it is registered with ``torch.ops.fastmerge.lowrank_mixture``).
 
     Raises:
         TypeError: a non-tensor, an unsupported dtype, or inputs of different dtypes.

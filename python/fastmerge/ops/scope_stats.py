@@ -37,7 +37,9 @@ def scope_stats(tensors: Sequence[TensorLike], *, backend: Optional[str] = None)
 
     Returns:
         :class:`~fastmerge.ScopeStats` with float64 ``mean``, ``std``, ``count`` on the
-        tensors' device.
+        tensors' device. ``mean`` and ``std`` are differentiable with respect to the
+        tensors (the backward is one fused :func:`~fastmerge.ops.scope_grad` pass; the
+        zero subgradient where std = 0); ``count`` is not.
 
     Example:
         >>> import torch, fastmerge
@@ -53,8 +55,8 @@ def scope_stats(tensors: Sequence[TensorLike], *, backend: Optional[str] = None)
     if not ts:
         empty = torch.empty(0, dtype=torch.float64)
         return ScopeStats(empty, empty.clone(), empty.clone())
-    table = scope_stats_op(ts, backend)
-    return ScopeStats(table[0], table[1], table[2])
+    mean, std, count = torch.unbind(scope_stats_op(ts, backend))  # one call for 3 views
+    return ScopeStats(mean, std, count)
 
 
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
@@ -67,7 +69,7 @@ def _kernel(tensors: list[torch.Tensor], backend: Optional[str]) -> torch.Tensor
     if name == "cpu":
         # Contiguous CPU tensors of supported dtypes: the per-tensor checks run in C++
         # (they dominate for thousands of small tensors); anything else -1 -> general path.
-        out = torch.empty((3, len(tensors)), dtype=torch.float64)
+        out = torch.empty(3, len(tensors), dtype=torch.float64)
         codes = KERNEL_DTYPE_CODES
         if backends.cpu_extension().scope_stats_tensors(tensors, codes, out.data_ptr()) < 0:
             return out

@@ -58,8 +58,7 @@ def ties_combine(
         [3.0, 3.0, 0.0]
     """
     b0 = base if type(base) in _PLAIN else as_tensor(base, "base")
-    b, es = _inputs(b0, experts)
-    dtype = compute_dtype(b, es)
+    b, es, dtype = _inputs(b0, experts)
     thr = thresholds if type(thresholds) in _PLAIN else as_tensor(thresholds, "thresholds")
     if thr.shape != (len(es),) or not thr.dtype.is_floating_point:
         raise ValueError(
@@ -88,23 +87,28 @@ _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
 def _inputs(base: torch.Tensor, experts: Sequence[TensorLike]):
-    """:func:`prepare_inputs` without its copies for the common case (contiguous plain
-    tensors of one dtype): the kernels read only data pointers and element counts."""
+    """(base, experts, compute dtype): :func:`prepare_inputs` without its copies for the
+    common case (contiguous plain tensors of one dtype and shape on one device), where the
+    kernels need only data pointers and element counts."""
+    dtype = base.dtype
     if (
-        base.dtype in KERNEL_DTYPE_CODES
+        dtype in KERNEL_DTYPE_CODES
         and type(experts) in (list, tuple)
         and experts
         and _PLAIN.issuperset(map(type, experts))
         and base.is_contiguous()
     ):
-        shape, device, dtype = base.shape, base.device, base.dtype
-        if all(
-            e.shape == shape and e.device == device and e.dtype == dtype and e.is_contiguous()
-            for e in experts
-        ):
-            es = [e.detach() if e.requires_grad else e for e in experts]
-            return (base.detach() if base.requires_grad else base), es
-    return prepare_inputs(base, experts)
+        shape, device = base.shape, base.device
+        for e in experts:
+            if e.dtype != dtype or e.shape != shape or e.device != device:
+                break
+            if not e.is_contiguous() or e.requires_grad:
+                break
+        else:
+            compute = torch.float64 if dtype == torch.float64 else torch.float32
+            return (base.detach() if base.requires_grad else base), list(experts), compute
+    b, es = prepare_inputs(base, experts)
+    return b, es, compute_dtype(b, es)
 
 
 def _kernel(b, es, thr, scale: float, out: torch.Tensor, backend: Optional[str]) -> None:
