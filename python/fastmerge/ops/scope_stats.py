@@ -56,7 +56,7 @@ def scope_stats(tensors: Sequence[TensorLike], *, backend: Optional[str] = None)
         empty = torch.empty(0, dtype=torch.float64)
         return ScopeStats(empty, empty.clone(), empty.clone())
     mean, std, count = torch.unbind(scope_stats_op(ts, backend))  # one call for 3 views
-    return ScopeStats(mean, std, count)
+    return ScopeStats._of_rows(mean, std, count)
 
 
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
