@@ -31,14 +31,23 @@ An op with a data-dependent output size says so in its fake implementation::
         n = torch.library.get_ctx().new_dynamic_size()
         return x.new_empty((n,))
 
-No op of today needs that. ``linear_assignment`` (shapes fixed by the input) registers in
-one call, e.g.::
+No op of today needs that. ``linear_assignment`` (output shapes fixed by the input)
+registers in one call; its kernel returns the solver's (rows, cols, status) and the public
+function raises for a failed problem (eagerly from ``status``; traced, with
+``torch._assert_async(status.eq(0).all(), ...)``)::
+
+    def _kernel(problems, maximize, backend):        # (B, n, m) float32/float64
+        name = resolve(backend, problems.device, IMPLEMENTED)
+        rows, cols, status, _ = _IMPLEMENTATIONS[name](problems, maximize)
+        return rows, cols, status
+
+    def _fake(problems, maximize, backend):
+        batch, n, m = problems.shape
+        pairs = problems.new_empty((batch, torch.sym_min(n, m)), dtype=torch.int64)
+        return pairs, torch.empty_like(pairs), problems.new_empty((batch,), dtype=torch.int32)
 
     _OP = define("linear_assignment", "(Tensor cost, bool maximize, str? backend) "
-                 "-> (Tensor, Tensor, Tensor, int)", _kernel, _fake)
-
-(its kernel returns (rows, cols, status, failed) and the public function raises for a
-failed problem; with ``failed`` as a tensor instead of an int if it must stay in the graph).
+                 "-> (Tensor, Tensor, Tensor)", _kernel, _fake)
 
 torch < 2.4 lacks these ``torch.library`` functions: then nothing is registered
 (``torch.ops.fastmerge`` does not exist, :data:`REGISTERED` is False) and every call
@@ -287,9 +296,12 @@ def _autograd_fallback(
 
     def run_backward(ctx, *grads):
         sizes = ctx.fastmerge_sizes
-        needs = group(ctx.needs_input_grad[1:], sizes)
-        ctx.needs_input_grad = tuple(needs)
-        result = backward(ctx, *grads)
+        flat_needs = ctx.needs_input_grad
+        ctx.needs_input_grad = tuple(group(flat_needs[1:], sizes))
+        try:
+            result = backward(ctx, *grads)
+        finally:  # a retained graph runs backward again
+            ctx.needs_input_grad = flat_needs
         result = result if isinstance(result, tuple) else (result,)
         flat: list[Any] = [None]  # for `sizes`
         for size, grad in zip(sizes, result):
