@@ -16,6 +16,7 @@ MODULES = [
     "fastmerge._chunks",
     "fastmerge.stats",
     "fastmerge.ops.scope_stats",
+    "fastmerge.ops._library",
     "fastmerge.ops.scope_grad",
     "fastmerge.ops.feature_center",
     "fastmerge.ops.feature_cost",

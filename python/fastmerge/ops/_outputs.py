@@ -8,12 +8,13 @@ from typing import Optional
 import torch
 
 from .._dtypes import KERNEL_DTYPE_CODES, dtype_names
+from ._library import tracing
 
 
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A new output; a large CPU one in memory whose pages fault in cheaply (huge pages):
     for a streamed merge the first touch of a fresh output costs more than the kernel."""
-    if device.type == "cpu":
+    if device.type == "cpu" and not tracing():  # traced: the graph allocates
         from ..io._memory import empty_tensor  # a helper of the allocator only
 
         return empty_tensor(shape, dtype)

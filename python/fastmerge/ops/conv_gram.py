@@ -25,6 +25,7 @@ import torch
 from .. import backends
 from .._tensors import TensorLike, as_tensor
 from ..reference import conv_gram as reference
+from ._library import define, resolve
 
 IntPair = Union[int, tuple[int, int]]
 
@@ -86,20 +87,37 @@ def conv_gram(
             f"y must have shape ({n}, C_out, {h_out}, {w_out}) for x of shape "
             f"{tuple(xt.shape)}, got {tuple(yt.shape)}"
         )
-    name = backends.resolve_backend(backend, xt.device)
+    gram, cross = _OP(xt.detach(), yt.detach(), ks, st, pd, dl, bool(bias), backend)
+    return gram, cross
+
+
+def _kernel(x, y, ks, st, pd, dl, bias: bool, backend: Optional[str]):
+    """(gram, cross) of validated x and y (any floating dtype, contiguous or not)."""
+    name = resolve(backend, x.device)
+    ks, st, pd, dl = (tuple(v) for v in (ks, st, pd, dl))
     if name == "reference":
         with torch.no_grad():
-            return reference.conv_gram(xt, yt, ks, st, pd, dl, bool(bias))
-    dtype = torch.float64 if torch.float64 in (xt.dtype, yt.dtype) else torch.float32
-    xc = xt.detach().to(dtype).contiguous()
-    yc = yt.detach().to(dtype).contiguous()
-    geometry = [n, c_in, h, w, yt.shape[1], h_out, w_out, *ks, *st, *pd, *dl, int(bool(bias))]
+            return reference.conv_gram(x, y, ks, st, pd, dl, bias)
+    n, c_in, h, w = x.shape
+    h_out, w_out = y.shape[2:]
+    dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+    xc = x.to(dtype).contiguous()
+    yc = y.to(dtype).contiguous()
+    geometry = [n, c_in, h, w, y.shape[1], h_out, w_out, *ks, *st, *pd, *dl, int(bias)]
     with torch.no_grad():
         z = _IMPLEMENTATIONS[name](xc, yc, [int(v) for v in geometry])
         k = z.shape[0]
         upper = z[:, :k]
         gram = upper.triu() + upper.triu(1).mT
         return gram, z[:, k:].clone()
+
+
+def _fake(x, y, ks, st, pd, dl, bias: bool, backend: Optional[str]):
+    k = x.shape[1] * ks[0] * ks[1] + int(bias)
+    return (
+        x.new_empty((k, k), dtype=torch.float64),
+        x.new_empty((k, y.shape[1]), dtype=torch.float64),
+    )
 
 
 def output_size(
@@ -167,3 +185,11 @@ def _run_triton(x: torch.Tensor, y: torch.Tensor, geometry: list[int]) -> torch.
 
 
 _IMPLEMENTATIONS = {"cpu": _run_cpu, "cuda": _run_cuda, "triton": _run_triton}
+
+_OP = define(
+    "conv_gram",
+    "(Tensor x, Tensor y, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
+    "bool bias, str? backend) -> (Tensor, Tensor)",
+    _kernel,
+    _fake,
+)

@@ -16,6 +16,7 @@ from .. import backends
 from .._dtypes import KERNEL_DTYPE_CODES, dtype_names
 from .._tensors import TensorLike, as_tensor
 from ..reference import feature_center as reference
+from ._library import define, resolve
 
 #: Output dtypes (the GEMM's) the kernels write.
 OUT_DTYPES = (torch.float32, torch.float64)
@@ -87,10 +88,18 @@ def feature_center(
             )
         if cols > 1 and out.stride(1) != 1:
             raise ValueError("out must have contiguous columns (stride 1 along dim 1)")
-    name = backends.resolve_backend(backend, device)
+    return out, _OP(x_t, shift_t, out, backend)
+
+
+def _kernel(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor, backend) -> torch.Tensor:
+    """Write x - shift into `out`; return the (2, cols) float64 sums."""
+    name = resolve(backend, x.device)
     with torch.no_grad():
-        sums = _IMPLEMENTATIONS[name](x_t, shift_t, out)
-    return out, sums
+        return _IMPLEMENTATIONS[name](x, shift, out)
+
+
+def _fake(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor, backend) -> torch.Tensor:
+    return x.new_empty((2, x.shape[1]), dtype=torch.float64)
 
 
 def _run_reference(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -144,3 +153,10 @@ _IMPLEMENTATIONS = {
     "cuda": _run_cuda,
     "triton": _run_triton,
 }
+
+_OP = define(
+    "feature_center",
+    "(Tensor x, Tensor shift, Tensor(a!) out, str? backend) -> Tensor",
+    _kernel,
+    _fake,
+)

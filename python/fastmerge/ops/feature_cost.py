@@ -24,6 +24,7 @@ import torch
 from .. import backends
 from .._tensors import TensorLike, as_tensor
 from ..reference import feature_cost as reference
+from ._library import define, resolve
 
 #: Kind names and their codes in the kernels (csrc/include/fastmerge/feature_cost.h).
 KINDS = {"covariance": 0, "correlation": 1, "inner_product": 2, "neg_sq_distance": 3}
@@ -93,9 +94,19 @@ def feature_cost(
             raise ValueError(f"{name} is on {t.device} but cross is on {device}")
         vectors.append(t.contiguous())
     n = _count(count)
-    name = backends.resolve_backend(backend, device)
+    return _OP(cross_t.contiguous(), *vectors, n, kind, backend)
+
+
+def _kernel(cross, sum_a, sum_b, sumsq_a, sumsq_b, shift_a, shift_b, count, kind, backend):
+    """The (rows, cols) float64 cost of validated float64 contiguous moments."""
+    name = resolve(backend, cross.device)
     with torch.no_grad():
-        return _IMPLEMENTATIONS[name](cross_t.contiguous(), *vectors, n, kind)
+        vectors = (sum_a, sum_b, sumsq_a, sumsq_b, shift_a, shift_b)
+        return _IMPLEMENTATIONS[name](cross, *vectors, count, kind)
+
+
+def _fake(cross, sum_a, sum_b, sumsq_a, sumsq_b, shift_a, shift_b, count, kind, backend):
+    return torch.empty_like(cross, memory_format=torch.contiguous_format)
 
 
 def _float64(value: TensorLike, name: str) -> torch.Tensor:
@@ -161,3 +172,11 @@ _IMPLEMENTATIONS = {
     "cuda": _run_cuda,
     "triton": _run_triton,
 }
+
+_OP = define(
+    "feature_cost",
+    "(Tensor cross, Tensor sum_a, Tensor sum_b, Tensor sumsq_a, Tensor sumsq_b, Tensor shift_a, "
+    "Tensor shift_b, float count, str kind, str? backend) -> Tensor",
+    _kernel,
+    _fake,
+)

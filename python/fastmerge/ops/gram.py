@@ -28,6 +28,7 @@ from .._dtypes import KERNEL_DTYPE_CODES, dtype_names
 from .._tensors import TensorLike, as_tensor, as_tensor_list
 from ..reference import gram as reference
 from ..reference.gram import compute_dtype
+from ._library import define, resolve
 
 #: The most tensors one call takes (k(k+1)/2 = 2080 pairs); kGramMaxTensors in
 #: csrc/include/fastmerge/gram.h.
@@ -102,20 +103,41 @@ def gram(
             )
     b = None if base is None else _check_base(base, shape, device)
     mode, rows, cols = _layout(tuple(shape), axis)
-    name = backends.resolve_backend(backend, device)
     k = len(ts)
-    batch = {"whole": 1, "rows": rows, "columns": cols}[mode]
+    batch = _batch(mode, rows, cols)
     out_shape = (k, k) if axis is None else (batch, k, k)
-    if rows * cols == 0:
-        return torch.zeros(out_shape, dtype=torch.float64, device=device)
     if batch == 1:
         mode = "whole"  # one vector: the chunked whole-tensor kernels use every thread
-    dtype = compute_dtype(ts, b)
     flat = [_dense(t.detach(), rows, cols) for t in ts]
     b = None if b is None else _dense(b.detach(), rows, cols)
+    return _OP(flat, b, mode, backend).reshape(out_shape)
+
+
+def _batch(mode: str, rows: int, cols: int) -> int:
+    return {"whole": 1, "rows": rows, "columns": cols}[mode]
+
+
+def _kernel(
+    ts: list[torch.Tensor], base: Optional[torch.Tensor], mode: str, backend: Optional[str]
+) -> torch.Tensor:
+    """(batch, k, k) Gram matrices of dense (rows, cols) inputs."""
+    name = resolve(backend, ts[0].device)  # an unusable backend raises, even for no entries
+    rows, cols = ts[0].shape
+    if rows * cols == 0:
+        k = len(ts)
+        return torch.zeros(
+            (_batch(mode, rows, cols), k, k), dtype=torch.float64, device=ts[0].device
+        )
     with torch.no_grad():
-        out = _IMPLEMENTATIONS[name](flat, b, mode, dtype)
-    return out.reshape(out_shape)
+        return _IMPLEMENTATIONS[name](ts, base, mode, compute_dtype(ts, base))
+
+
+def _fake(
+    ts: list[torch.Tensor], base: Optional[torch.Tensor], mode: str, backend: Optional[str]
+) -> torch.Tensor:
+    rows, cols = ts[0].shape
+    k = len(ts)
+    return ts[0].new_empty((_batch(mode, rows, cols), k, k), dtype=torch.float64)
 
 
 def _check_base(base: TensorLike, shape: torch.Size, device: torch.device) -> torch.Tensor:
@@ -258,3 +280,10 @@ _IMPLEMENTATIONS = {
     "cuda": _run_cuda,
     "triton": _run_triton,
 }
+
+_OP = define(
+    "gram",
+    "(Tensor[] tensors, Tensor? base, str mode, str? backend) -> Tensor",
+    _kernel,
+    _fake,
+)

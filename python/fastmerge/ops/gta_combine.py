@@ -54,6 +54,7 @@ from .._dtypes import KERNEL_DTYPE_CODES
 from .._tensors import TensorLike, as_tensor
 from ..reference import gta_combine as reference
 from ..reference.magnitude_threshold import compute_dtype
+from ._library import define, resolve
 from .magnitude_threshold import prepare_inputs
 
 #: Bits of the uniform of the random keep; kernels keep entries with ``h >> 11 < below``.
@@ -162,20 +163,33 @@ def gta_combine(
         raise ValueError(
             f"out must be a contiguous floating tensor of shape {tuple(b0.shape)} on {b.device}"
         )
-    name = backends.resolve_backend(backend, b.device)
-    if n == 0:
-        return out
     params = torch.stack([w, lo, hi, sc]).to(dtype).to(b.device).contiguous()
     random = None
     if keep is not None:
         keys = [reference.as_int64(k) for k in reference.expert_keys(seed, num)]
         table = [keys, [_keep_below(p) for p in keep]]
         random = torch.tensor(table, dtype=torch.int64).to(b.device).contiguous()
-    call = _Call(b, es, params, keep, random, seed, offset, bool(consensus), zero_sum,
-                 bool(normalize), lam, out.view(-1))  # fmt: skip
+    seed64 = reference.as_int64(seed & reference.MASK64)  # what the keys use of the seed
+    _OP(b, es, params, random, keep, seed64, offset, bool(consensus), zero_sum,
+        bool(normalize), lam, out, backend)  # fmt: skip
+    return out
+
+
+def _kernel(b, es, params, random, keep, seed, offset, consensus, zero_sum, normalize, lam,
+            out, backend) -> None:  # fmt: skip
+    """Write the merge of flat contiguous inputs into `out` (contiguous, base's shape)."""
+    name = resolve(backend, b.device)  # an unusable backend raises, even for no entries
+    if b.numel() == 0:
+        return
+    call = _Call(b, es, params, keep, random, seed, offset, consensus, zero_sum, normalize,
+                 lam, out.view(-1))  # fmt: skip
     with torch.no_grad():
         _IMPLEMENTATIONS[name](call)
-    return out
+
+
+def _fake(b, es, params, random, keep, seed, offset, consensus, zero_sum, normalize, lam,
+          out, backend) -> None:  # fmt: skip
+    return None  # writes `out` only
 
 
 class _Call:
@@ -310,3 +324,12 @@ _IMPLEMENTATIONS = {
     "cuda": _run_cuda,
     "triton": _run_triton,
 }
+
+_OP = define(
+    "gta_combine",
+    "(Tensor base, Tensor[] experts, Tensor params, Tensor? random, float[]? keep, int seed, "
+    "int offset, bool consensus, str zero_sum, bool normalize, float lam, Tensor(a!) out, "
+    "str? backend) -> ()",
+    _kernel,
+    _fake,
+)

@@ -43,6 +43,7 @@ from .. import backends
 from .._dtypes import KERNEL_DTYPE_CODES, dtype_names
 from .._tensors import TensorLike, as_tensor
 from ..reference import lowrank_mixture as reference
+from ._library import define, resolve
 
 #: The cpu backend multiplies only the selected tasks' factors when at most this
 #: fraction of the gates is non-zero. In bench/bench_lowrank_mixture.py the routed path was
@@ -89,7 +90,7 @@ def lowrank_mixture(
     Returns:
         (N, ..., d_out) in x's dtype. float16/bfloat16 are computed in float32.
         Differentiable with respect to every tensor argument (the backward uses torch
-        ops).
+        ops; it is registered with ``torch.ops.fastmerge.lowrank_mixture``).
 
     Raises:
         TypeError: a non-tensor, an unsupported dtype, or inputs of different dtypes.
@@ -107,14 +108,7 @@ def lowrank_mixture(
         [[2.0, 2.0], [1.0, 3.0]]
     """
     problem, out_shape = _validate(x, weight, bias, us, vs, gates)
-    name = backends.resolve_backend(backend, problem.x.device)
-    tensors = [t for t in problem if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        y = _LowRankMixture.apply(_IMPLEMENTATIONS[name], *problem)
-    else:
-        with torch.no_grad():
-            y = _IMPLEMENTATIONS[name](problem)
-    return y.reshape(out_shape)
+    return _OP(*problem, backend).reshape(out_shape)
 
 
 def merge_lowrank(
@@ -146,7 +140,7 @@ def merge_lowrank(
     if row.dim() != 1:
         raise ValueError(f"gate_row must be 1-D (T,), got shape {tuple(row.shape)}")
     problem, _ = _validate(w.new_zeros((1, w.shape[1])), w, None, us, vs, row[None])
-    return reference.merge_lowrank(problem.weight, problem.us, problem.vs, problem.gates[0])
+    return _MERGE_OP(problem.weight, problem.us, problem.vs, problem.gates[0])
 
 
 def clear_lowrank_cache() -> None:
@@ -211,25 +205,58 @@ def _validate(x, weight, bias, us, vs, gates) -> tuple[_Problem, tuple[int, ...]
     return problem, (*x_t.shape[:-1], d_out)
 
 
-# ---- autograd ------------------------------------------------------------------------------
+# ---- registration: kernels, fake implementations, autograd -----------------------------
 
 
-class _LowRankMixture(torch.autograd.Function):
-    """Forward by the chosen backend; backward by dense torch products (all backends)."""
+def _kernel(x, weight, bias, us, vs, gates, backend: Optional[str]) -> torch.Tensor:
+    """(N, L, d_out) of validated inputs, x as (N, L, d_in)."""
+    name = resolve(backend, x.device)
+    with torch.no_grad():
+        return _IMPLEMENTATIONS[name](_Problem(x, weight, bias, us, vs, gates))
 
-    @staticmethod
-    def forward(ctx, implementation, x, weight, bias, us, vs, gates):
-        ctx.save_for_backward(x, weight, us, vs, gates)
-        ctx.has_bias = bias is not None
-        return implementation(_Problem(x, weight, bias, us, vs, gates))
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        x, weight, us, vs, gates = ctx.saved_tensors
-        need = dict(zip(("x", "weight", "bias", "us", "vs", "gates"), ctx.needs_input_grad[1:]))
-        grads = _backward(x, weight, us, vs, gates, grad_y, need, ctx.has_bias)
-        return (None, *grads)
+def _fake(x, weight, bias, us, vs, gates, backend: Optional[str]) -> torch.Tensor:
+    return x.new_empty((x.shape[0], x.shape[1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, us, vs, gates, _ = inputs
+    ctx.save_for_backward(x, weight, us, vs, gates)
+    ctx.has_bias = bias is not None
+
+
+def _mixture_backward(ctx, grad_y):
+    """Backward by dense torch products (every backend's forward alike)."""
+    x, weight, us, vs, gates = ctx.saved_tensors
+    names = ("x", "weight", "bias", "us", "vs", "gates")
+    need = dict(zip(names, ctx.needs_input_grad[:6]))
+    return (*_backward(x, weight, us, vs, gates, grad_y, need, ctx.has_bias), None)
+
+
+def _merge_kernel(weight, us, vs, gate_row) -> torch.Tensor:
+    with torch.no_grad():
+        return reference.merge_lowrank(weight, us, vs, gate_row)
+
+
+def _merge_fake(weight, us, vs, gate_row) -> torch.Tensor:
+    return weight.new_empty(weight.shape)
+
+
+def _merge_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _merge_backward(ctx, grad):
+    """W' = W + sum_t g_t U_t V_t: dW = G, dU_t = g_t G V_t^T, dV_t = g_t U_t^T G,
+    dg_t = <G, U_t V_t>, in the forward's compute dtype."""
+    weight, us, vs, gate_row = ctx.saved_tensors
+    compute = _compute_dtype(weight.dtype)
+    g, u, v, row = (t.to(compute) for t in (grad, us, vs, gate_row))
+    need = ctx.needs_input_grad
+    d_us = torch.einsum("t,od,trd->tor", row, g, v).to(us.dtype) if need[1] else None
+    d_vs = torch.einsum("t,tor,od->trd", row, u, g).to(vs.dtype) if need[2] else None
+    d_row = torch.einsum("od,tor,trd->t", g, u, v).to(gate_row.dtype) if need[3] else None
+    return (grad if need[0] else None), d_us, d_vs, d_row
 
 
 def _backward(x, weight, us, vs, gates, grad_y, need, has_bias):
@@ -461,3 +488,21 @@ _IMPLEMENTATIONS: dict[str, Callable[[_Problem], torch.Tensor]] = {
     "cuda": _run_cuda,
     "triton": _run_triton,
 }
+
+_OP = define(
+    "lowrank_mixture",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor us, Tensor vs, Tensor gates, str? backend)"
+    " -> Tensor",
+    _kernel,
+    _fake,
+    backward=_mixture_backward,
+    setup_context=_setup_context,
+)
+_MERGE_OP = define(
+    "merge_lowrank",
+    "(Tensor weight, Tensor us, Tensor vs, Tensor gate_row) -> Tensor",
+    _merge_kernel,
+    _merge_fake,
+    backward=_merge_backward,
+    setup_context=_merge_setup_context,
+)

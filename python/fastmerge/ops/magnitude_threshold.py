@@ -18,6 +18,7 @@ from .._dtypes import KERNEL_DTYPE_CODES
 from .._tensors import TensorLike, as_tensor, as_tensor_list
 from ..reference import magnitude_threshold as reference
 from ..reference.magnitude_threshold import compute_dtype
+from ._library import define, resolve
 
 #: Bins of one radix digit (11 bits) of the CUDA kernel's histograms.
 CUDA_BINS = 2048
@@ -53,14 +54,22 @@ def magnitude_threshold(
         [3.0, 0.20000000298023224]
     """
     b, es = prepare_inputs(base, experts)
-    n = b.numel()
-    k = _check_rank(k, n)
+    k = _check_rank(k, b.numel())
+    return _OP(b, es, k, backend)
+
+
+def _kernel(b: torch.Tensor, es: list[torch.Tensor], k: int, backend: Optional[str]):
+    """(T,) thresholds of flat contiguous inputs of one dtype."""
+    name = resolve(backend, b.device)  # an unusable backend raises, even for no entries
     dtype = compute_dtype(b, es)
-    name = backends.resolve_backend(backend, b.device)
-    if n == 0:
+    if b.numel() == 0:
         return torch.zeros(len(es), dtype=dtype, device=b.device)
     with torch.no_grad():
         return _IMPLEMENTATIONS[name](b, es, k, dtype)
+
+
+def _fake(b: torch.Tensor, es: list[torch.Tensor], k: int, backend: Optional[str]):
+    return b.new_empty((len(es),), dtype=compute_dtype(b, es))
 
 
 def prepare_inputs(
@@ -151,3 +160,10 @@ _IMPLEMENTATIONS = {
     "cuda": _run_cuda,
     "triton": _run_triton,
 }
+
+_OP = define(
+    "magnitude_threshold",
+    "(Tensor base, Tensor[] experts, int k, str? backend) -> Tensor",
+    _kernel,
+    _fake,
+)

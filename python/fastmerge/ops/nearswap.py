@@ -32,6 +32,7 @@ from .._dtypes import KERNEL_DTYPE_CODES, dtype_names
 from .._tensors import TensorLike, as_tensor
 from ..reference import nearswap as reference
 from ..reference.nearswap import compute_dtype
+from ._library import define, resolve, tracing
 from ._outputs import check_out, new_output, overlaps
 
 
@@ -87,7 +88,6 @@ def nearswap(
         raise ValueError(f"b is on {b.device} but a is on {a.device}; both must be on one device")
     value = _check_t(t)
     a, b = a.detach(), b.detach()
-    dtype = compute_dtype(a, b)
     if out_dtype is not None and out_dtype not in KERNEL_DTYPE_CODES:
         raise TypeError(f"out_dtype is {out_dtype}; supported dtypes are {dtype_names()}")
     shape, device = a.shape, a.device
@@ -95,18 +95,26 @@ def nearswap(
         out = new_output(shape, out_dtype or a.dtype, device)
     else:
         check_out(out, out_dtype, shape, device, "a and b")
-    name = backends.resolve_backend(backend, device)
-    if out.numel() == 0:
-        return out
-    x, y = (v.reshape(-1) for v in (a, b))
-    x, y = (v if v.is_contiguous() else v.contiguous() for v in (x, y))
-    out_flat = out.view(-1)
-    for label, tensor in (("a", x), ("b", y)):
-        if overlaps(tensor, out_flat):
-            raise ValueError(f"out overlaps {label}; it may only be {label} itself")
-    with torch.no_grad():
-        _IMPLEMENTATIONS[name](x, y, value, dtype, out_flat)
+    x, y = (v if v.is_contiguous() else v.contiguous() for v in (a, b))
+    if out.numel() and not tracing(x, y, out):
+        for label, tensor in (("a", x), ("b", y)):
+            if overlaps(tensor, out):
+                raise ValueError(f"out overlaps {label}; it may only be {label} itself")
+    _OP(x, y, value, out, backend)
     return out
+
+
+def _kernel(a: torch.Tensor, b: torch.Tensor, t: float, out: torch.Tensor, backend) -> None:
+    """Write the step into `out`; a, b and out contiguous, of one shape."""
+    name = resolve(backend, a.device)  # an unusable backend raises, even for no entries
+    if out.numel() == 0:
+        return
+    with torch.no_grad():
+        _IMPLEMENTATIONS[name](a.reshape(-1), b.reshape(-1), t, compute_dtype(a, b), out.view(-1))
+
+
+def _fake(a: torch.Tensor, b: torch.Tensor, t: float, out: torch.Tensor, backend) -> None:
+    return None  # writes `out` only
 
 
 def _check_input(value: TensorLike, name: str) -> torch.Tensor:
@@ -175,3 +183,10 @@ _IMPLEMENTATIONS = {
     "cuda": _run_cuda,
     "triton": _run_triton,
 }
+
+_OP = define(
+    "nearswap",
+    "(Tensor a, Tensor b, float t, Tensor(a!) out, str? backend) -> ()",
+    _kernel,
+    _fake,
+)

@@ -16,6 +16,7 @@ import torch
 from .. import backends
 from .._tensors import TensorLike, as_tensor_list
 from ..reference import scope_grad as reference
+from ._library import define, resolve
 from ._marshal import contiguous, device_tables, pointer_args
 
 CUDA_CHUNK_SIZE = 1 << 16
@@ -56,9 +57,22 @@ def scope_grad(
             for c, name in ((mean, "mean"), (alpha, "alpha"), (beta, "beta"))
         ]
     )
-    name = backends.resolve_backend(backend, device)
-    with torch.no_grad():
-        return _IMPLEMENTATIONS[name](ts, coefficients)
+    return scope_grad_op([t.detach() for t in ts], coefficients, backend)
+
+
+def _kernel(
+    tensors: list[torch.Tensor], coefficients: torch.Tensor, backend: Optional[str]
+) -> list[torch.Tensor]:
+    if not tensors:
+        return []
+    name = resolve(backend, tensors[0].device)
+    return _IMPLEMENTATIONS[name](contiguous(tensors), coefficients.contiguous())
+
+
+def _fake(
+    tensors: list[torch.Tensor], coefficients: torch.Tensor, backend: Optional[str]
+) -> list[torch.Tensor]:
+    return [t.new_empty(t.shape) for t in tensors]  # contiguous, like the kernels' outputs
 
 
 def _coefficient(value: torch.Tensor, name: str, n: int, device: torch.device) -> torch.Tensor:
@@ -112,3 +126,10 @@ _IMPLEMENTATIONS = {
     "cuda": _run_cuda,
     "triton": _run_triton,
 }
+
+scope_grad_op = define(
+    "scope_grad",
+    "(Tensor[] tensors, Tensor coefficients, str? backend) -> Tensor[]",
+    _kernel,
+    _fake,
+)

@@ -12,7 +12,9 @@ from .._dtypes import KERNEL_DTYPE_CODES
 from .._tensors import TensorLike, as_tensor_list
 from ..reference import scope_stats as reference
 from ..stats import ScopeStats
+from ._library import define, resolve
 from ._marshal import contiguous, device_tables, pointer_args
+from .scope_grad import scope_grad_op
 
 #: Elements per CUDA block.
 CUDA_CHUNK_SIZE = 1 << 16
@@ -35,7 +37,9 @@ def scope_stats(tensors: Sequence[TensorLike], *, backend: Optional[str] = None)
 
     Returns:
         :class:`~fastmerge.ScopeStats` with float64 ``mean``, ``std``, ``count`` on the
-        tensors' device.
+        tensors' device. ``mean`` and ``std`` are differentiable with respect to the
+        tensors (the backward is one fused :func:`~fastmerge.ops.scope_grad` pass; the
+        zero subgradient where std = 0); ``count`` is not.
 
     Example:
         >>> import torch, fastmerge
@@ -44,32 +48,69 @@ def scope_stats(tensors: Sequence[TensorLike], *, backend: Optional[str] = None)
         >>> stats.count.tolist()
         [12.0, 3.0]
     """
-    table = _cpu_fast_path(tensors, backend) if backend in (None, "cpu") else None
-    if table is None:
+    if type(tensors) is list and tensors and _PLAIN.issuperset(map(type, tensors)):
+        ts = tensors  # plain torch tensors: the kernel checks dtypes and devices
+    else:
         ts = as_tensor_list(tensors, "tensors")
-        if not ts:
-            empty = torch.empty(0, dtype=torch.float64)
-            return ScopeStats(empty, empty.clone(), empty.clone())
-        name = backends.resolve_backend(backend, ts[0].device)
-        with torch.no_grad():
-            table = _IMPLEMENTATIONS[name](ts)
-    return ScopeStats(table[0], table[1], table[2])
+    if not ts:
+        empty = torch.empty(0, dtype=torch.float64)
+        return ScopeStats(empty, empty.clone(), empty.clone())
+    mean, std, count = torch.unbind(scope_stats_op(ts, backend))  # one call for 3 views
+    return ScopeStats._of_rows(mean, std, count)
 
 
-def _cpu_fast_path(tensors: Sequence[TensorLike], backend: Optional[str]) -> Optional[torch.Tensor]:
-    """The common case, a list of contiguous CPU torch tensors, with the per-tensor
-    checks done in C++ (they dominate for thousands of small tensors). Returns None
-    whenever anything needs the general path, which then validates and reports."""
-    if type(tensors) is not list or not tensors or type(tensors[0]) not in _TENSOR_TYPES:
-        return None
-    if backends.resolve_backend(backend, tensors[0].device) != "cpu":
-        return None
-    out = torch.empty((3, len(tensors)), dtype=torch.float64)
-    bad = backends.cpu_extension().scope_stats_tensors(tensors, KERNEL_DTYPE_CODES, out.data_ptr())
-    return out if bad < 0 else None
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
-_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+def _kernel(tensors: list[torch.Tensor], backend: Optional[str]) -> torch.Tensor:
+    """The (3, n) float64 table (mean, std, count rows) on real tensors."""
+    device = tensors[0].device
+    name = resolve(backend, device)
+    if name == "cpu":
+        # Contiguous CPU tensors of supported dtypes: the per-tensor checks run in C++
+        # (they dominate for thousands of small tensors); anything else -1 -> general path.
+        out = torch.empty(3, len(tensors), dtype=torch.float64)
+        codes = KERNEL_DTYPE_CODES
+        if backends.cpu_extension().scope_stats_tensors(tensors, codes, out.data_ptr()) < 0:
+            return out
+    _check_list(tensors)
+    return _IMPLEMENTATIONS[name](tensors)
+
+
+def _check_list(tensors: list[torch.Tensor]) -> None:
+    """The checks of :func:`as_tensor_list` (dtype, one device), naming the culprit."""
+    as_tensor_list(tensors, "tensors")
+
+
+def _fake(tensors: list[torch.Tensor], backend: Optional[str]) -> torch.Tensor:
+    _check_list(tensors)
+    return tensors[0].new_empty((3, len(tensors)), dtype=torch.float64)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    tensors, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(output, *tensors)
+
+
+def _backward(ctx, grad_table: torch.Tensor):
+    """d mean / d w = 1/n and d std / d w = (w - mean) / (n std): affine in w - mean, one
+    fused scope_grad pass (the zero subgradient where std = 0)."""
+    table, *tensors = ctx.saved_tensors
+    needed = [i for i, need in enumerate(ctx.needs_input_grad[0]) if need]
+    grads: list[Optional[torch.Tensor]] = [None] * len(tensors)
+    if needed:
+        mean, std, count = table
+        n = count.clamp_min(1)
+        alpha = grad_table[0] / n
+        beta = torch.where(std > 0, grad_table[1] / (n * std), torch.zeros_like(std))
+        coefficients = torch.stack([mean, alpha, beta])
+        if len(needed) < len(tensors):
+            coefficients = coefficients[:, needed]
+        computed = scope_grad_op([tensors[i] for i in needed], coefficients, ctx.backend)
+        for i, grad in zip(needed, computed):
+            grads[i] = grad
+    return grads, None
 
 
 def _run_reference(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -120,3 +161,12 @@ _IMPLEMENTATIONS = {
     "cuda": _run_cuda,
     "triton": _run_triton,
 }
+
+scope_stats_op = define(
+    "scope_stats",
+    "(Tensor[] tensors, str? backend) -> Tensor",
+    _kernel,
+    _fake,
+    backward=_backward,
+    setup_context=_setup_context,
+)

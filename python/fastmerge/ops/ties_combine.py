@@ -23,6 +23,7 @@ from .._dtypes import KERNEL_DTYPE_CODES
 from .._tensors import TensorLike, as_tensor
 from ..reference import ties_combine as reference
 from ..reference.magnitude_threshold import compute_dtype
+from ._library import define, resolve
 from .magnitude_threshold import prepare_inputs
 
 
@@ -56,18 +57,20 @@ def ties_combine(
         >>> fastmerge.ops.ties_combine(base, experts, torch.tensor([1.0, 1.0])).tolist()
         [3.0, 3.0, 0.0]
     """
-    b0 = as_tensor(base, "base")
-    b, es = prepare_inputs(b0, experts)
-    dtype = compute_dtype(b, es)
-    thr = as_tensor(thresholds, "thresholds").detach()
+    b0 = base if type(base) in _PLAIN else as_tensor(base, "base")
+    b, es, dtype = _inputs(b0, experts)
+    thr = thresholds if type(thresholds) in _PLAIN else as_tensor(thresholds, "thresholds")
     if thr.shape != (len(es),) or not thr.dtype.is_floating_point:
         raise ValueError(
             f"thresholds must be a floating tensor of shape ({len(es)},), got "
             f"{thr.dtype} {tuple(thr.shape)}"
         )
-    thr = thr.to(device=b.device, dtype=dtype).contiguous()
+    if thr.dtype != dtype or thr.device != b.device or not thr.is_contiguous():
+        thr = thr.to(device=b.device, dtype=dtype).contiguous()
+    if thr.requires_grad:
+        thr = thr.detach()
     if out is None:
-        out = torch.empty(b0.shape, dtype=b0.dtype, device=b.device)
+        out = torch.empty_like(b0, memory_format=torch.contiguous_format)
     elif (
         not isinstance(out, torch.Tensor)
         or out.dtype not in KERNEL_DTYPE_CODES
@@ -76,12 +79,53 @@ def ties_combine(
         or not out.is_contiguous()
     ):
         raise ValueError(f"out must be a contiguous floating tensor of shape {tuple(b0.shape)}")
-    name = backends.resolve_backend(backend, b.device)
-    if b.numel() == 0:
-        return out
-    with torch.no_grad():
-        _IMPLEMENTATIONS[name](b, es, thr, float(scale), out.view(-1))
+    _OP(b, es, thr, float(scale), out, backend)
     return out
+
+
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
+def _inputs(base: torch.Tensor, experts: Sequence[TensorLike]):
+    """(base, experts, compute dtype): :func:`prepare_inputs` without its copies for the
+    common case (contiguous plain tensors of one dtype and shape on one device), where the
+    kernels need only data pointers and element counts."""
+    dtype = base.dtype
+    if (
+        dtype in KERNEL_DTYPE_CODES
+        and type(experts) in (list, tuple)
+        and experts
+        and _PLAIN.issuperset(map(type, experts))
+        and base.is_contiguous()
+    ):
+        shape, device = base.shape, base.device
+        for e in experts:
+            if e.dtype != dtype or e.shape != shape or e.device != device:
+                break
+            if not e.is_contiguous() or e.requires_grad:
+                break
+        else:
+            compute = torch.float64 if dtype == torch.float64 else torch.float32
+            return (base.detach() if base.requires_grad else base), list(experts), compute
+    b, es = prepare_inputs(base, experts)
+    return b, es, compute_dtype(b, es)
+
+
+def _kernel(b, es, thr, scale: float, out: torch.Tensor, backend: Optional[str]) -> None:
+    """Write the merge of base `b` and experts `es` (contiguous, one dtype) into `out`."""
+    name = resolve(backend, b.device)  # an unusable backend raises, even for no entries
+    if b.numel() == 0:
+        return
+    if name == "cpu":
+        _run_cpu(b, es, thr, scale, out)
+        return
+    with torch.no_grad():
+        flat = [e.reshape(-1) for e in es]
+        _IMPLEMENTATIONS[name](b.reshape(-1), flat, thr, scale, out.view(-1))
+
+
+def _fake(b, es, thr, scale: float, out: torch.Tensor, backend: Optional[str]) -> None:
+    return None  # writes `out` only
 
 
 def _run_reference(b, es, thr, scale, out) -> None:
@@ -129,3 +173,11 @@ _IMPLEMENTATIONS = {
     "cuda": _run_cuda,
     "triton": _run_triton,
 }
+
+_OP = define(
+    "ties_combine",
+    "(Tensor base, Tensor[] experts, Tensor thresholds, float scale, Tensor(a!) out, "
+    "str? backend) -> ()",
+    _kernel,
+    _fake,
+)

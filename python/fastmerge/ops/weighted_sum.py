@@ -26,6 +26,7 @@ from .._dtypes import KERNEL_DTYPE_CODES, dtype_names
 from .._tensors import TensorLike, as_tensor_list
 from ..reference import weighted_sum as reference
 from ..reference.weighted_sum import accumulate_dtype
+from ._library import define, resolve, tracing
 from ._outputs import check_out, new_output, overlaps
 
 
@@ -93,18 +94,30 @@ def weighted_sum(
         out = new_output(shape, out_dtype or ts[0].dtype, device)
     else:
         check_out(out, out_dtype, shape, device, "the tensors")
-    name = backends.resolve_backend(backend, device)
-    if out.numel() == 0:
-        return out
-    flat = [t.reshape(-1) for t in ts]
-    flat = [t if t.is_contiguous() else t.contiguous() for t in flat]
-    out_flat = out.view(-1)
-    for i, t in enumerate(flat):
-        if overlaps(t, out_flat):
-            raise ValueError(f"out overlaps tensors[{i}]; it may only be one of the inputs itself")
-    with torch.no_grad():
-        _IMPLEMENTATIONS[name](flat, ws, dtype, out_flat)
+    flat = [t if t.is_contiguous() else t.contiguous() for t in ts]
+    if out.numel() and not tracing(out, *flat):
+        for i, t in enumerate(flat):
+            if overlaps(t, out):
+                raise ValueError(
+                    f"out overlaps tensors[{i}]; it may only be one of the inputs itself"
+                )
+    _OP(flat, ws, dtype, out, backend)
     return out
+
+
+def _kernel(
+    ts: list[torch.Tensor], ws: list[float], dtype: torch.dtype, out: torch.Tensor, backend
+) -> None:
+    """Write the sum into `out`; inputs and out contiguous, of one shape."""
+    name = resolve(backend, out.device)  # an unusable backend raises, even for no entries
+    if out.numel() == 0:
+        return
+    with torch.no_grad():
+        _IMPLEMENTATIONS[name]([t.reshape(-1) for t in ts], ws, dtype, out.view(-1))
+
+
+def _fake(ts, ws, dtype, out, backend) -> None:
+    return None  # writes `out` only
 
 
 def _accumulate_dtype(ts: list[torch.Tensor], requested: Optional[torch.dtype]) -> torch.dtype:
@@ -187,3 +200,11 @@ _IMPLEMENTATIONS = {
     "cuda": _run_cuda,
     "triton": _run_triton,
 }
+
+_OP = define(
+    "weighted_sum",
+    "(Tensor[] tensors, float[] weights, ScalarType accumulate, Tensor(a!) out, str? backend)"
+    " -> ()",
+    _kernel,
+    _fake,
+)

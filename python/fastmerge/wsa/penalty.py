@@ -9,8 +9,9 @@ from typing import Optional, Union
 import torch
 
 from .._tensors import as_tensor_list
-from ..ops.scope_grad import scope_grad
-from ..ops.scope_stats import scope_stats
+from ..ops._library import define, tracing
+from ..ops.scope_grad import scope_grad_op
+from ..ops.scope_stats import scope_stats_op
 from ..stats import ScopeStats
 from .divergence import DIVERGENCES
 
@@ -62,18 +63,27 @@ def wsa_penalty(
         >>> w.grad.shape
         torch.Size([64, 32])
     """
+    _check_options(divergence, reduction)
+    ts = _weights(tensors)
+    target_mean, target_std = _target_tensors(target, len(ts), ts[0].device)
+    return penalty_op(ts, target_mean, target_std, divergence, reduction, backend)[0]
+
+
+def _check_options(divergence: str, reduction: str) -> None:
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def _weights(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     ts = as_tensor_list(tensors, "tensors")
     if not ts:
         raise ValueError("tensors is empty: the penalty needs at least one weight tensor")
     for i, t in enumerate(ts):
         if t.numel() == 0:
             raise ValueError(f"tensors[{i}] is empty: its scope is undefined")
-    target_mean, target_std = _target_tensors(target, len(ts), ts[0].device)
-    return _WSAPenalty.apply(target_mean, target_std, divergence, reduction, backend, *ts)
+    return ts
 
 
 def _target_tensors(
@@ -94,6 +104,20 @@ def _target_tensors(
             raise ValueError(
                 f"target {name} has {value.shape[0]} entries; expected 1 or one per tensor ({n})"
             )
+    check_target(mean, std)
+    return mean.expand(n), std.expand(n)
+
+
+def check_target(mean: torch.Tensor, std: torch.Tensor) -> None:
+    """ValueError for a non-finite target mean or a target std that is not positive and
+    finite. Traced (torch.compile, export), the checks are asserts in the graph, which
+    raise RuntimeError with the same message when the values are bad: the values are not
+    known while tracing, and a Python branch on them would break the graph."""
+    if tracing(mean, std):
+        torch._assert_async(torch.isfinite(mean).all(), "target mean must be finite")
+        good = ((std > 0) & torch.isfinite(std)).all()
+        torch._assert_async(good, "target std must be positive and finite")
+        return
     if not bool(torch.isfinite(mean).all()):
         raise ValueError("target mean must be finite")
     if not bool((std > 0).all()) or not bool(torch.isfinite(std).all()):
@@ -101,50 +125,66 @@ def _target_tensors(
         raise ValueError(
             f"target std must be positive and finite; entry {bad} is {float(std[bad])}"
         )
-    return mean.expand(n), std.expand(n)
 
 
-class _WSAPenalty(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, target_mean, target_std, divergence, reduction, backend, *tensors):
-        stats = scope_stats(list(tensors), backend=backend)
-        value, d_mean, d_std = DIVERGENCES[divergence](
-            stats.mean, stats.std, target_mean, target_std
-        )
-        scale = 1.0 / len(tensors) if reduction == "mean" else 1.0
-        n = stats.count
-        # d sigma / d w = (w - mu) / (n sigma); at sigma = 0 use the zero subgradient.
-        beta = torch.where(stats.std > 0, d_std * scale / (n * stats.std), torch.zeros_like(n))
-        ctx.coefficients = (stats.mean, d_mean * scale / n, beta)
-        ctx.backend = backend
-        ctx.save_for_backward(*tensors)
-        out_dtype = torch.promote_types(torch.float32, _common_dtype([t.dtype for t in tensors]))
-        return (value.sum() * scale).to(out_dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        tensors = ctx.saved_tensors
-        needed = [i for i, t in enumerate(tensors) if ctx.needs_input_grad[5 + i]]
-        grads: list[Optional[torch.Tensor]] = [None] * len(tensors)
-        if needed:
-            g = grad_output.to(torch.float64)
-            mean, alpha, beta = ctx.coefficients
-            index = torch.tensor(needed, device=mean.device)
-            computed = scope_grad(
-                [tensors[i] for i in needed],
-                mean[index],
-                g * alpha[index],
-                g * beta[index],
-                backend=ctx.backend,
-            )
-            for i, grad in zip(needed, computed):
-                grads[i] = grad
-        return (None, None, None, None, None, *grads)
+# ---- the op: value and the backward's coefficients in one fused scope_stats pass --------
 
 
-def _common_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
-    out = dtypes[0]
-    for d in dtypes[1:]:
-        out = torch.promote_types(out, d)
+def _kernel(tensors, target_mean, target_std, divergence, reduction, backend):
+    """(penalty, coefficients): coefficients are the float64 rows (mean, alpha, beta) of
+    the gradient ``alpha + beta (w - mean)`` per tensor, for a unit upstream gradient."""
+    stats = scope_stats_op.kernel(list(tensors), backend)
+    mean, std, n = stats[0], stats[1], stats[2]
+    value, d_mean, d_std = DIVERGENCES[divergence](mean, std, target_mean, target_std)
+    scale = 1.0 / len(tensors) if reduction == "mean" else 1.0
+    # d sigma / d w = (w - mu) / (n sigma); at sigma = 0 use the zero subgradient.
+    beta = torch.where(std > 0, d_std * scale / (n * std), torch.zeros_like(n))
+    coefficients = torch.stack([mean, d_mean * scale / n, beta])
+    return (value.sum() * scale).to(_out_dtype(tensors)), coefficients
+
+
+def _fake(tensors, target_mean, target_std, divergence, reduction, backend):
+    first = tensors[0]
+    return (
+        first.new_empty((), dtype=_out_dtype(tensors)),
+        first.new_empty((3, len(tensors)), dtype=torch.float64),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    tensors, *_, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(output[1], *tensors)
+
+
+def _backward(ctx, grad_value, grad_coefficients):
+    coefficients, *tensors = ctx.saved_tensors
+    needed = [i for i, need in enumerate(ctx.needs_input_grad[0]) if need]
+    grads: list[Optional[torch.Tensor]] = [None] * len(tensors)
+    if needed:
+        g = grad_value.to(torch.float64)
+        scaled = coefficients * torch.stack([torch.ones_like(g), g, g])[:, None]
+        if len(needed) < len(tensors):
+            scaled = scaled[:, needed]
+        computed = scope_grad_op([tensors[i] for i in needed], scaled, ctx.backend)
+        for i, grad in zip(needed, computed):
+            grads[i] = grad
+    return grads, None, None, None, None, None
+
+
+def _out_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    out = torch.float32
+    for t in tensors:
+        out = torch.promote_types(out, t.dtype)
     return out
+
+
+penalty_op = define(
+    "wsa_penalty",
+    "(Tensor[] tensors, Tensor target_mean, Tensor target_std, str divergence, str reduction, "
+    "str? backend) -> (Tensor, Tensor)",
+    _kernel,
+    _fake,
+    backward=_backward,
+    setup_context=_setup_context,
+)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..stats import ScopeStats
-from .penalty import wsa_penalty
+from .penalty import _check_options, _weights, check_target, penalty_op
 from .scope import Include, scope_of, scoped_parameters
 
 
@@ -54,6 +54,7 @@ class WeightScopeRegularizer(nn.Module):
         self.__dict__["module"] = module
         self.include = include
         self.strength = float(strength)
+        _check_options(divergence, reduction)
         self.divergence = divergence
         self.reduction = reduction
         self.names = tuple(name for name, _ in scoped_parameters(module, include))
@@ -90,17 +91,20 @@ class WeightScopeRegularizer(nn.Module):
         if std.shape[0] not in (1, n):
             raise ValueError(f"target std has {std.shape[0]} entries; expected 1 or {n}")
         std = std.expand(n).clone()
-        if not bool((std > 0).all()):
-            raise ValueError("target std must be positive for every layer")
+        check_target(mean, std)
         self.target_mean, self.target_std = mean, std
 
     def forward(self) -> torch.Tensor:
-        params = [p for _, p in scoped_parameters(self.module, self.include)]
-        penalty = wsa_penalty(
-            params,
-            (self.target_mean, self.target_std),
-            divergence=self.divergence,
-            reduction=self.reduction,
+        # The target was checked once, by set_target: no per-step check of its values,
+        # which would also be a data-dependent branch under torch.compile.
+        params = _weights([p for _, p in scoped_parameters(self.module, self.include)])
+        if len(params) != self.target_mean.shape[0]:
+            raise ValueError(
+                f"the module has {len(params)} scoped parameters now but the target has "
+                f"{self.target_mean.shape[0]} entries (set_target after changing the model)"
+            )
+        penalty, _ = penalty_op(
+            params, self.target_mean, self.target_std, self.divergence, self.reduction, None
         )
         return self.strength * penalty
 
