@@ -75,20 +75,22 @@ def short(machine: dict[str, Any]) -> str:
 
 
 def header(machine: dict[str, Any]) -> str:
-    """The lines printed above the tables.
+    """The lines printed above the tables (a markdown list, so that a saved report reads
+    well as a page too).
 
     Example:
-        >>> header(describe()).startswith("machine: ")
+        >>> header(describe()).startswith("- machine: ")
         True
     """
     load = machine["load_average"]
     peers = ", ".join(f"{k} {v}" for k, v in machine["peers"].items()) or "none installed"
     return "\n".join(
         [
-            f"machine: {short(machine)}; device {machine['device']}",
-            f"threads: torch {machine['torch_threads']}, fastmerge {machine['fastmerge_threads']};"
+            f"- machine: {short(machine)}; device {machine['device']}",
+            f"- threads: torch {machine['torch_threads']},"
+            f" fastmerge {machine['fastmerge_threads']};"
             f" load average {' '.join(map(str, load)) if load else 'n/a'}",
-            f"versions: fastmerge {machine['fastmerge']}, torch {machine['torch']}"
+            f"- versions: fastmerge {machine['fastmerge']}, torch {machine['torch']}"
             f" (CUDA {machine['cuda']}), python {machine['python']}; peers: {peers}",
         ]
     )

@@ -101,11 +101,11 @@ def render(
     set-up included, when `seconds` has it), the ratio's meaning.
 
     Example:
-        >>> render([], _machine.describe(), []).startswith("machine: ")
+        >>> render([], _machine.describe(), []).startswith("- machine: ")
         True
     """
     parts = [_machine.header(machine)]
-    parts += notes
+    parts += [""] + notes if notes else []
     for suite in dict.fromkeys(r["suite"] for r in rows):
         took = f" ({seconds[suite]:.1f} s)" if seconds and suite in seconds else ""
         parts += ["", f"### {suite}{took}", "", table(rows, suite)]

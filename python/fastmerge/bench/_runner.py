@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import _harness, _machine, _peers, _report
-from ._suite import Case
+from ._suite import Case, devices_for
 
 
 @dataclass
@@ -64,6 +64,7 @@ def run(
         >>> result = run(["call_overhead"], quick=True, progress=False)  # doctest: +SKIP
         >>> print(result.text())  # doctest: +SKIP
     """
+    device = devices_for(device)  # a clear error for "cuda" without a GPU
     budget = _harness.QUICK if quick else _harness.DEFAULT
     plan: list[tuple[str, list[Case]]] = []
     for name in suites:

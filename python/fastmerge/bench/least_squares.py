@@ -69,7 +69,9 @@ def cases(device: str, quick: bool) -> list[Case]:
         ['fastmerge', 'fastmerge-stream16']
     """
     n, d, k = QUICK_SIZES if quick else SIZES
+    rounds = None if quick else 5
+    group = f"n{n}-d{d}-k{k}"
     return [
-        Case(f"n{n}-d{d}-k{k}", p, _setup(p, n, d, k, device), p.startswith("fastmerge"), "d", d, 5)
+        Case(group, p, _setup(p, n, d, k, device), p.startswith("fastmerge"), "d", d, rounds)
         for p in PROVIDERS
     ]

@@ -105,7 +105,7 @@ def cases(device: str, quick: bool) -> list[Case]:
 
     Example:
         >>> cases("cpu", True)[0].case
-        'uniform-64'
+        'uniform-8'
     """
     solvers: dict[str, Any] = {"fastmerge": None, **peers()}
     out = []

@@ -13,6 +13,7 @@ naive peers run on the first 4 (L = 128) or 16 (L = 1) samples, scaled to the ba
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -131,16 +132,8 @@ def cases(device: str, quick: bool) -> list[Case]:
                 for p in ours + list(PEERS):
                     naive = p.startswith("naive")
                     samples = min(NAIVE_SAMPLES[tokens], batch) if naive else batch
-                    out.append(
-                        Case(
-                            group,
-                            p,
-                            _setup(p, key, samples),
-                            p in ours,
-                            "d_in",
-                            d_in,
-                            5,
-                            scale=batch / samples,
-                        )
-                    )
+                    setup = _setup(p, key, samples)
+                    rounds = None if quick else 5
+                    case = Case(group, p, setup, p in ours, "d_in", d_in, rounds)
+                    out.append(dataclasses.replace(case, scale=batch / samples))
     return out

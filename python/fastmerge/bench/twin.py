@@ -17,6 +17,7 @@ FASTMERGE_NUM_THREADS=1`` on a loaded small machine for stable figures.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 from fastmerge.twin import TwinMerger, TwinModel, gates_from_logits
 
 from ._harness import cached
+from ._peers import note
 from ._suite import Case
 
 PROVIDERS = (
@@ -146,23 +148,17 @@ def cases(device: str, quick: bool) -> list[Case]:
         'mlp2x64-L1'
     """
     if device != "cpu":
-        return []  # the published twin figures are CPU inference; a GPU adds nothing here
+        note("twin: CPU only (its models and the reference loop are built on the CPU); skipped")
+        return []
     shape = QUICK if quick else DEFAULT
     blocks, width, _, batch, tokens_list, ref_samples = shape
     out = []
     for tokens in tokens_list:
         for p in PROVIDERS:
             ref = p == "reference-per-sample"
-            out.append(
-                Case(
-                    f"mlp{blocks}x{width}-L{tokens}",
-                    p,
-                    _setup(p, shape, tokens),
-                    p == "fastmerge-routed-dense",
-                    "tokens",
-                    tokens,
-                    3 if ref else None,
-                    scale=batch / ref_samples if ref else 1.0,
-                )
-            )
+            group, setup = f"mlp{blocks}x{width}-L{tokens}", _setup(p, shape, tokens)
+            case = Case(group, p, setup, p == "fastmerge-routed-dense", "tokens", tokens)
+            if ref:  # batch size 1 on a few samples, scaled to the batch
+                case = dataclasses.replace(case, min_rounds=3, scale=batch / ref_samples)
+            out.append(case)
     return out
