@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +98,9 @@ def test_every_suite_lists_distinct_cases_with_a_fastmerge_row(name):
         keys = [(c.case, c.provider) for c in cases]
         assert keys and len(set(keys)) == len(keys)
         assert all(any(c.ours for c in cases if c.case == g) for g, _ in keys if g != "yardstick")
+
+
+def test_the_installed_package_holds_every_suite():
+    """The suites ship in the wheel (pyproject's wheel.packages maps python/fastmerge)."""
+    folder = Path(bench.__file__).parent
+    assert all((folder / f"{name}.py").is_file() for name in bench.SUITES)
