@@ -319,13 +319,6 @@ def test_pickle_models_need_allow_pickle(tmp_path, capsys):
     assert_same(merged(tmp_path / "out"), fm.task_arithmetic(base, experts), exact=False)
 
 
-def test_bench_outside_a_checkout(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("FASTMERGE_BENCH_DIR", raising=False)
-    code, _, err = run(["bench", "merge_cli"], capsys)
-    assert code == 2 and "not installed with the wheel" in err
-
-
 def test_summary_line_reports_size_and_memory(models, capsys):
     tmp, _, _ = models
     cfg = write_config(tmp, "task_arithmetic")

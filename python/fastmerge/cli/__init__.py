@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Optional
 
+from .bench import add_arguments as bench_arguments
 from .info import info_text
 from .merge import EXIT_BAD_INPUT, add_arguments
 
@@ -18,9 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="version, built extensions, usable backends, threads, CUDA archs")
     m = sub.add_parser("merge", help="merge checkpoints from a (mergekit-style) YAML config")
     add_arguments(m)
-    b = sub.add_parser("bench", help="run benchmark suites (from a source checkout)")
-    b.add_argument("op", nargs="?", default="all", help="suite name, e.g. merge_cli, or all")
-    b.add_argument("--device", default=None, help="cpu or cuda: benchmark groups to keep")
+    b = sub.add_parser("bench", help="throughput benchmarks beside their peers (--list)")
+    bench_arguments(b)
     return parser
 
 
@@ -31,7 +31,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         $ fastmerge info
         $ fastmerge merge ties.yaml --out ./merged
         $ fastmerge merge --list-methods
-        $ fastmerge bench merge_cli
+        $ fastmerge bench call_overhead --quick
     """
     args = _parser().parse_args(argv)
     if args.command == "info":
@@ -43,7 +43,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return merge_command(args)
     from .bench import bench_command
 
-    return bench_command(args.op, args.device)
+    return bench_command(args)
 
 
 if __name__ == "__main__":

@@ -1,68 +1,72 @@
-"""``fastmerge bench [OP|all]``: run the benchmark suites of a source checkout.
+"""``fastmerge bench [OP|all]``: argument handling of the benchmarks in :mod:`fastmerge.bench`.
 
-The suites live in the repository's ``bench/`` directory and are not part of the wheel:
-this command finds them from the current directory (or ``$FASTMERGE_BENCH_DIR``) and
-runs them with pytest-benchmark, then prints the tables with ``bench/report.py``.
+The suites ship with the wheel, so this works from any directory; the repository's
+``bench/`` keeps only what needs the source tree (the merge CLI against mergekit, quality
+studies, the results pages).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
+import argparse
 import sys
 from pathlib import Path
-from typing import Optional
+
+EXIT_BAD_INPUT = 2
 
 
-def find_bench_dir(start: Optional[Path] = None) -> Optional[Path]:
-    """The ``bench/`` directory of a fastmerge source checkout at or above `start`
-    (default: the current directory), or ``$FASTMERGE_BENCH_DIR``; None if not found.
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``bench`` subcommand's options.
 
     Example:
-        >>> find_bench_dir(Path("/")) is None or True
+        >>> p = argparse.ArgumentParser(); add_arguments(p)
+        >>> p.parse_args(["scope_stats", "--quick"]).quick
         True
     """
-    env = os.environ.get("FASTMERGE_BENCH_DIR")
-    if env:
-        return Path(env) if (Path(env) / "conftest.py").is_file() else None
-    here = (start or Path.cwd()).resolve()
-    for d in (here, *here.parents):
-        bench = d / "bench"
-        if (bench / "conftest.py").is_file() and (bench / "report.py").is_file():
-            return bench
-    return None
+    parser.add_argument("op", nargs="?", default="all", help="a suite (see --list) or all")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the rows here")
+    parser.add_argument("--list", action="store_true", help="list the suites and exit")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def suites(bench: Path, op: str) -> list[Path]:
-    """The suite files for `op` (``all``: every ``bench_*.py``)."""
-    files = sorted(bench.glob("bench_*.py"))
-    if op == "all":
-        return files
-    return [f for f in files if f.stem == f"bench_{op}"]
+def _error(message: str) -> int:
+    print(f"fastmerge bench: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
-def bench_command(op: str, device: Optional[str]) -> int:
-    """Run the suites and print their tables; 2 when the suites or the op are not found."""
-    bench = find_bench_dir()
-    if bench is None:
-        print(
-            "fastmerge bench: error: the benchmark suites are not installed with the wheel; "
-            "run this from a fastmerge source checkout (or set FASTMERGE_BENCH_DIR to its bench/)",
-            file=sys.stderr,
-        )
-        return 2
-    files = suites(bench, op)
-    if not files:
-        names = ", ".join(f.stem.removeprefix("bench_") for f in suites(bench, "all"))
-        print(f"fastmerge bench: error: no suite {op!r}; valid: all, {names}", file=sys.stderr)
-        return 2
-    results = bench / "results"
-    results.mkdir(exist_ok=True)
-    raw = results / f"{op}-cli.raw.json"
-    cmd = [sys.executable, "-m", "pytest", *map(str, files), f"--benchmark-json={raw}", "-q"]
-    if device:
-        cmd += ["-k", device if device != "cpu" else "not cuda"]
-    status = subprocess.call(cmd, cwd=bench.parent)
-    if status != 0 or not raw.is_file():
-        return status or 1
-    return subprocess.call([sys.executable, str(bench / "report.py"), str(raw)], cwd=bench.parent)
+def bench_command(args: argparse.Namespace) -> int:
+    """Run the chosen suites and print the table; 2 on bad input, 1 if a fastmerge case
+    failed.
+
+    Example:
+        $ fastmerge bench --list
+        $ fastmerge bench call_overhead --quick --json overhead.json
+    """
+    from fastmerge import bench  # lazily: the CLI's import stays light
+
+    if args.list:
+        for name in bench.SUITES:
+            print(f"{name:18} {bench.summary(name)}")
+        return 0
+    if args.op != "all" and args.op not in bench.SUITES:
+        return _error(f"unknown op {args.op!r}; valid: all, {', '.join(bench.SUITES)}")
+    if args.device not in ("cpu", "cuda"):
+        return _error(f"unknown device {args.device!r}; valid: cpu, cuda")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return _error("--device cuda: torch sees no CUDA GPU on this machine")
+    if args.json is not None and not args.json.parent.is_dir():
+        return _error(f"--json {args.json}: directory {args.json.parent} does not exist")
+    suites = list(bench.SUITES) if args.op == "all" else [args.op]
+    result = bench.run(suites, device=args.device, quick=args.quick, progress=not args.no_progress)
+    print(result.text())
+    if args.json is not None:
+        from fastmerge.bench._report import write_json
+
+        write_json(args.json, result.rows, result.machine)
+        print(f"wrote {len(result.rows)} rows to {args.json}")
+    for failure in result.failures:
+        print(f"fastmerge bench: error: {failure}", file=sys.stderr)
+    return 1 if result.failures else 0
