@@ -170,3 +170,26 @@ def test_twin_model_exports_and_the_program_equals_eager():
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
         x2, g2 = torch.randn_like(x), gates.flip(0)  # new values, same shapes
         torch.testing.assert_close(program.module()(x2, gates=g2), twin(x2, gates=g2))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_linear_assignment_compiles_fullgraph(batched):
+    gen = torch.Generator().manual_seed(5)
+    shape = (3, 5, 7) if batched else (6, 4)
+    cost = torch.rand(shape, generator=gen, dtype=torch.float32)
+
+    def matched_cost(c):
+        rows, cols = fastmerge.linear_assignment(c, maximize=True)
+        picked = c[..., rows, cols] if not batched else torch.gather(c, 2, cols[..., None])
+        return rows, cols, picked.sum()
+
+    compiled = torch.compile(matched_cost, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(cost), matched_cost(cost)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_linear_assignment_failure_is_asserted_when_compiled():
+    cost = torch.tensor([[float("nan"), 1.0], [2.0, 3.0]])
+    compiled = torch.compile(fastmerge.linear_assignment, fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="invalid numeric entries"):
+        compiled(cost)

@@ -32,6 +32,10 @@ constexpr int64_t kMinElementsPerThread = 1 << 18;
 constexpr int64_t kSampleChunks = 64;
 constexpr int64_t kSampleChunk = 512;
 constexpr int64_t kSampleMinElements = 1 << 18;
+// Up to this many expert entries in all, one thread computes every key and runs
+// nth_element: for tiny tensors (a 16-entry merge) the histograms' zeroing and a thread
+// team cost a hundred times more than the selection itself.
+constexpr int64_t kSmallSelection = 1 << 14;
 
 // keys[j] = key of |expert[j0 + j] - base[j0 + j]|; b: the base block in the compute type.
 template <int32_t DT>
@@ -439,6 +443,22 @@ void select_thresholds(const void* base, const std::vector<const void*>& experts
   });
 }
 
+// The exact selection for small tensors (kSmallSelection): the same keys, nth_element.
+template <int32_t DT>
+void small_thresholds(const void* base, const std::vector<const void*>& experts, int64_t n,
+                      int64_t k, Compute<DT>* out) {
+  using K = MagnitudeKey<Compute<DT>>;
+  std::vector<Compute<DT>> widened(static_cast<size_t>(n));
+  const Compute<DT>* b = base_block<DT>(base, 0, n, widened.data());
+  std::vector<typename K::type> keys(static_cast<size_t>(n));
+  for (size_t t = 0; t < experts.size(); ++t) {
+    block_keys<DT>(experts[t], 0, n, b, keys.data());
+    const auto nth = keys.begin() + (k - 1);
+    std::nth_element(keys.begin(), nth, keys.end(), std::greater<typename K::type>());
+    out[t] = K::value(*nth);
+  }
+}
+
 }  // namespace
 
 void magnitude_threshold(const void* base, const std::vector<const void*>& experts, int64_t n,
@@ -447,6 +467,10 @@ void magnitude_threshold(const void* base, const std::vector<const void*>& exper
   dispatch_dtype(dtype, "magnitude_threshold: dtype", [&](auto tag) {
     constexpr int32_t DT = decltype(tag)::code;
     using C = typename decltype(tag)::compute;
+    if (n * static_cast<int64_t>(experts.size()) <= kSmallSelection) {
+      small_thresholds<DT>(base, experts, n, k, static_cast<C*>(out));
+      return;
+    }
     select_thresholds(base, experts, n, k,
                       Kernels{histogram_clone<DT>, collect_clone<DT>, band_clone<DT>,
                               sample_clone<DT>},

@@ -74,7 +74,9 @@ int default_num_threads() {
     const int n = std::atoi(env);
     if (n > 0) return n;
   }
-  const unsigned hw = std::thread::hardware_concurrency();
+  // Read once: glibc answers hardware_concurrency from sysfs on every call (microseconds),
+  // which tiny ops would pay on each call before the pool exists.
+  static const unsigned hw = std::thread::hardware_concurrency();
   return hw > 0 ? static_cast<int>(hw) : 1;
 }
 

@@ -70,6 +70,18 @@ def test_matches_reference(backend, device, dtype, num_experts):
                 assert got.cpu().double().tolist() == _by_sorting(base, experts, k)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_both_sides_of_the_cpu_small_tensor_path(dtype):
+    # The CPU kernel sorts the keys of tensors up to 2**14 expert entries in one thread and
+    # takes the radix selection above: both sides of that size, tied inputs included.
+    for n in (8192, 8193):
+        for tied in (False, True):
+            base, experts = _inputs(n, 2, dtype, seed=n, tied=tied)
+            for k in (1, 2, n // 3, n - 1, n):
+                got = fastmerge.ops.magnitude_threshold(base, experts, k, backend="cpu")
+                assert torch.equal(got, reference(base, experts, k)), (n, k, tied)
+
+
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_special_values(backend, device):
     # Negative zeros, exact ties across the bin boundaries, subnormals and huge values.

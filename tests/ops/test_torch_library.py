@@ -14,6 +14,7 @@ from fastmerge.ops.feature_center import _OP as feature_center_op
 from fastmerge.ops.feature_cost import _OP as feature_cost_op
 from fastmerge.ops.gram import _OP as gram_op
 from fastmerge.ops.gta_combine import _OP as gta_combine_op
+from fastmerge.ops.linear_assignment import _OP as linear_assignment_op
 from fastmerge.ops.lowrank_mixture import _MERGE_OP as merge_lowrank_op
 from fastmerge.ops.lowrank_mixture import _OP as lowrank_mixture_op
 from fastmerge.ops.magnitude_threshold import _OP as magnitude_threshold_op
@@ -123,6 +124,7 @@ def _cases(device: str) -> dict[str, tuple]:
             feature_cost_op,
             (r(3, 2), r(3), r(2), r(3).abs(), r(2).abs(), r(3), r(2), 5.0, "correlation", None),
         ),
+        "linear_assignment": (linear_assignment_op, (r(2, 3, 4), False, None)),
         "feature_center": (
             feature_center_op,
             (r(4, 3), r(3), torch.empty(4, 3, dtype=torch.float64, device=device), None),
@@ -135,7 +137,6 @@ OPS = sorted(_cases("cpu"))
 
 def test_every_public_op_is_registered():
     names = {n for n in fastmerge.ops.__all__ if n not in ("clear_lowrank_cache",)}
-    names.discard("linear_assignment")  # registered once its solver work has landed
     names.add("wsa_penalty")
     assert names <= set(OPS)
     for name in OPS:

@@ -31,23 +31,10 @@ An op with a data-dependent output size says so in its fake implementation::
         n = torch.library.get_ctx().new_dynamic_size()
         return x.new_empty((n,))
 
-No op of today needs that. ``linear_assignment`` (output shapes fixed by the input)
-registers in one call; its kernel returns the solver's (rows, cols, status) and the public
-function raises for a failed problem (eagerly from ``status``; traced, with
-``torch._assert_async(status.eq(0).all(), ...)``)::
-
-    def _kernel(problems, maximize, backend):        # (B, n, m) float32/float64
-        name = resolve(backend, problems.device, IMPLEMENTED)
-        rows, cols, status, _ = _IMPLEMENTATIONS[name](problems, maximize)
-        return rows, cols, status
-
-    def _fake(problems, maximize, backend):
-        batch, n, m = problems.shape
-        pairs = problems.new_empty((batch, torch.sym_min(n, m)), dtype=torch.int64)
-        return pairs, torch.empty_like(pairs), problems.new_empty((batch,), dtype=torch.int32)
-
-    _OP = define("linear_assignment", "(Tensor cost, bool maximize, str? backend) "
-                 "-> (Tensor, Tensor, Tensor)", _kernel, _fake)
+No op of today needs that. An op whose failures depend on the data (``linear_assignment``:
+an infeasible problem) returns a status tensor from its kernel instead of raising; the
+public function raises from it eagerly and, when traced, checks it with
+``torch._assert_async`` (see ``ops/linear_assignment.py``).
 
 torch < 2.4 lacks these ``torch.library`` functions: then nothing is registered
 (``torch.ops.fastmerge`` does not exist, :data:`REGISTERED` is False) and every call

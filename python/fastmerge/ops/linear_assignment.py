@@ -11,6 +11,7 @@ import torch
 from .. import backends
 from .._tensors import TensorLike
 from ..reference import linear_assignment as reference
+from ._library import define, resolve, tracing
 
 IMPLEMENTED = ("reference", "cpu", "cuda")
 _SOLVED, _INFEASIBLE, _INVALID, _TOO_LARGE = 0, 1, 2, 3
@@ -86,7 +87,7 @@ def linear_assignment(
     # Fast path: a CPU tensor or numpy array for the CPU backend is validated and solved
     # in C++ in one call (it reads every dtype and layout in place), which keeps a tiny
     # problem's call near a microsecond instead of 20.
-    if backend is None or backend == "cpu":
+    if (backend is None or backend == "cpu") and not tracing():  # tracing(): compiling
         ext = _fast_cpu(backend)
         if ext is not None:
             kind = type(cost)
@@ -108,6 +109,8 @@ def linear_assignment(
                     return _finish(out, cost.dim() == 3, maximize)
     c = _as_cost_tensor(cost)
     batched = c.dim() == 3
+    if tracing(c):
+        return _traced(c, batched, maximize, backend)
     name = backends.resolve_backend(backend, c.device, IMPLEMENTED)
     if name == "cpu":  # the C++ entry reads every dtype and layout in place
         c = c.resolve_neg()
@@ -126,6 +129,58 @@ def linear_assignment(
     if failed >= 0:
         _raise_for_status(int(status[failed]), failed, batched, maximize)
     return (rows, cols) if batched else (rows[0], cols[0])
+
+
+def _traced(
+    c: torch.Tensor, batched: bool, maximize: bool, backend: Optional[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under torch.compile / torch.export (or for fake tensors): the registered op, with
+    the failure checks as graph asserts (a traced graph cannot raise on data)."""
+    problems = c if batched else c.unsqueeze(0)
+    if c.dtype in (torch.int64, torch.uint64):
+        magnitude = problems.view(torch.int64).abs()
+        torch._assert_async(
+            (magnitude <= _EXACT_INT).all(),
+            "linear_assignment: cost has integer entries beyond 2**53 in magnitude",
+        )
+    rows, cols, status = _OP(problems.to(torch.float64), maximize, backend)
+    torch._assert_async(
+        status.eq(_SOLVED).all(),
+        "linear_assignment: matrix contains invalid numeric entries (NaN, or -inf; +inf "
+        "with maximize=True) or the cost matrix is infeasible",
+    )
+    return (rows, cols) if batched else (rows[0], cols[0])
+
+
+def _kernel(
+    problems: torch.Tensor, maximize: bool, backend: Optional[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The registered kernel: (B, n, m) float64 problems -> rows, cols, per-problem status
+    (0 solved, else the failure's code); it never raises on a failed problem."""
+    batch, n, m = problems.shape
+    if batch == 0 or n == 0 or m == 0:
+        pairs = problems.new_zeros((batch, 0), dtype=torch.int64)
+        return pairs, pairs.clone(), problems.new_zeros((batch,), dtype=torch.int32)
+    name = resolve(backend, problems.device, IMPLEMENTED)
+    rows, cols, status, _ = _IMPLEMENTATIONS[name](problems.contiguous(), maximize)
+    device = problems.device  # the reference solves on the CPU
+    return rows.to(device), cols.to(device), status.to(device)
+
+
+def _fake(
+    problems: torch.Tensor, maximize: bool, backend: Optional[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, n, m = problems.shape
+    pairs = problems.new_empty((batch, torch.sym_min(n, m)), dtype=torch.int64)
+    return pairs, torch.empty_like(pairs), problems.new_empty((batch,), dtype=torch.int32)
+
+
+_OP = define(
+    "linear_assignment",
+    "(Tensor problems, bool maximize, str? backend) -> (Tensor, Tensor, Tensor)",
+    _kernel,
+    _fake,
+)
 
 
 def _fast_cpu(backend: Optional[str]) -> Any:
