@@ -193,3 +193,34 @@ def test_linear_assignment_failure_is_asserted_when_compiled():
     compiled = torch.compile(fastmerge.linear_assignment, fullgraph=True, backend="aot_eager")
     with pytest.raises(RuntimeError, match="invalid numeric entries"):
         compiled(cost)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"keep_probability": [0.5, 0.7], "seed": 3}, {"lower": [0.1, 0.2], "consensus": True}],
+)
+def test_merge_ops_compile_fullgraph(options):
+    # The ops a merge composes, with per-expert arguments given as Python lists: their
+    # checks read the numbers, never a tensor, so nothing breaks the graph.
+    gen = torch.Generator().manual_seed(9)
+    base, b, c = (torch.randn(16, generator=gen) for _ in range(3))
+
+    def merge(base, b, c):
+        trimmed = fastmerge.ops.magnitude_threshold(base, [b, c], 4)
+        combined = fastmerge.ops.gta_combine(base, [b, c], [0.5, 0.5], **options)
+        tied = fastmerge.ops.ties_combine(base, [b, c], trimmed)
+        mixed = fastmerge.ops.weighted_sum([combined, tied], [0.5, 0.5])
+        return mixed, fastmerge.ops.nearswap(base, b, 0.5), fastmerge.ops.gram([b.view(4, 4)])
+
+    compiled = torch.compile(merge, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(base, b, c), merge(base, b, c)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_gta_combine_bad_weights_tensor_is_asserted_when_compiled():
+    base, b = torch.zeros(4), torch.ones(4)
+    compiled = torch.compile(
+        lambda w: fastmerge.ops.gta_combine(base, [b], w), fullgraph=True, backend="aot_eager"
+    )
+    with pytest.raises(RuntimeError, match="weights must be finite"):
+        compiled(torch.tensor([float("nan")], dtype=torch.float64))

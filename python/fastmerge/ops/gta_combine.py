@@ -54,7 +54,7 @@ from .._dtypes import KERNEL_DTYPE_CODES
 from .._tensors import TensorLike, as_tensor
 from ..reference import gta_combine as reference
 from ..reference.magnitude_threshold import compute_dtype
-from ._library import define, resolve
+from ._library import define, resolve, tracing
 from .magnitude_threshold import prepare_inputs
 
 #: Bits of the uniform of the random keep; kernels keep entries with ``h >> 11 < below``.
@@ -143,7 +143,12 @@ def gta_combine(
     sc = _per_expert(scales, "scales", num, 1.0, finite=True)
     keep = None
     if keep_probability is not None:
-        keep = _per_expert(keep_probability, "keep_probability", num, None).tolist()
+        keep_t = _per_expert(keep_probability, "keep_probability", num, None)
+        keep = (
+            [float(v) for v in keep_probability]
+            if isinstance(keep_probability, (list, tuple))
+            else keep_t.tolist()
+        )
     seed = _integer(seed, "seed")
     offset = _integer(offset, "offset")
     if offset < 0 or offset + n > (1 << 63) - 1:
@@ -220,18 +225,31 @@ def _per_expert(
         raise TypeError(f"{name} must be a sequence of {count} numbers (one per expert)")
     else:
         try:
-            t = torch.tensor([float(v) for v in value], dtype=torch.float64)
+            floats = [float(v) for v in value]
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name} must be a sequence of {count} numbers: {exc}") from None
+        # Checked as Python numbers: no tensor reads, so torch.compile traces it whole.
+        if len(floats) == count:
+            _check_values(floats, name, finite)
+            return torch.tensor(floats, dtype=torch.float64)
+        t = torch.tensor(floats, dtype=torch.float64)
     if t.shape != (count,):
         raise ValueError(
             f"{name} must have shape ({count},), one value per expert, got {tuple(t.shape)}"
         )
-    if finite and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite, got {t.tolist()}")
-    if bool(torch.isnan(t).any()):
-        raise ValueError(f"{name} must not be NaN, got {t.tolist()}")
+    if tracing(t):  # a traced graph cannot branch on the values: assert them instead
+        ok = torch.isfinite(t).all() if finite else ~torch.isnan(t).any()
+        torch._assert_async(ok, f"gta_combine: {name} must be {'finite' if finite else 'not NaN'}")
+        return t
+    _check_values(t.tolist(), name, finite)
     return t
+
+
+def _check_values(values: list[float], name: str, finite: bool) -> None:
+    if finite and not all(map(math.isfinite, values)):
+        raise ValueError(f"{name} must be finite, got {values}")
+    if any(map(math.isnan, values)):
+        raise ValueError(f"{name} must not be NaN, got {values}")
 
 
 def _integer(value: int, name: str) -> int:
