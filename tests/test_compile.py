@@ -224,3 +224,41 @@ def test_gta_combine_bad_weights_tensor_is_asserted_when_compiled():
     )
     with pytest.raises(RuntimeError, match="weights must be finite"):
         compiled(torch.tensor([float("nan")], dtype=torch.float64))
+
+
+def _direct_calls():
+    gen = torch.Generator().manual_seed(11)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    ops = fastmerge.ops
+    return {
+        "conv_gram": (lambda x, y: ops.conv_gram(x, y, 3), (r(1, 2, 4, 4), r(1, 3, 2, 2))),
+        "feature_center": (ops.feature_center, (r(4, 3), r(3))),
+        "feature_cost": (
+            lambda c, sa, sb, qa, qb, ha, hb: ops.feature_cost(c, sa, sb, qa, qb, ha, hb, 10),
+            (r(3, 2), r(3), r(2), r(3).abs() + 5, r(2).abs() + 5, r(3), r(2)),
+        ),
+        "scope_grad": (
+            lambda x, t, m, a, b: ops.scope_grad([x, t], m, a, b),
+            (r(4, 3), r(5), r(2), r(2), r(2)),
+        ),
+        "lowrank_mixture": (
+            ops.lowrank_mixture,
+            (r(3, 4), r(5, 4), r(5), r(2, 5, 1), r(2, 1, 4), r(3, 2)),
+        ),
+        "merge_lowrank": (ops.merge_lowrank, (r(5, 4), r(2, 5, 1), r(2, 1, 4), r(2))),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_direct_calls()))
+def test_every_other_op_compiles_fullgraph(name):
+    # With the merge ops, linear_assignment and scope_stats above: every public op.
+    function, args = _direct_calls()[name]
+    compiled = torch.compile(function, fullgraph=True, backend="aot_eager")
+    got, want = compiled(*args), function(*args)
+    got = got if isinstance(got, (list, tuple)) else [got]
+    want = want if isinstance(want, (list, tuple)) else [want]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
