@@ -46,7 +46,7 @@ from ..reference import lowrank_mixture as reference
 from ._library import define, resolve
 
 #: The cpu backend multiplies only the selected tasks' factors when at most this
-#: fraction of the gates is non-zero. In bench/bench_lowrank_mixture.py the routed path was
+#: fraction of the gates is non-zero. In `fastmerge bench lowrank_mixture` the routed path was
 #: the faster one at 2 of 8 gates non-zero (25%) in every shape and the dense path at 100%
 #: with 128 tokens per sample; the crossover in between is not measured, 0.5 splits it.
 SPARSE_MAX_DENSITY = 0.5
