@@ -142,35 +142,22 @@ def _run_reference(a, b, t, dtype, out) -> None:
     reference.nearswap(a, b, t, out, dtype)
 
 
+def _native_args(a, b, t, dtype, out) -> tuple:
+    """The arguments both native modules' ``nearswap`` take (the CUDA one adds a stream)."""
+    codes = KERNEL_DTYPE_CODES
+    return (a.data_ptr(), codes[a.dtype], b.data_ptr(), codes[b.dtype], t, out.numel(),
+            dtype == torch.float64, out.data_ptr(), codes[out.dtype])  # fmt: skip
+
+
 def _run_cpu(a, b, t, dtype, out) -> None:
-    backends.cpu_extension().nearswap(
-        a.data_ptr(),
-        KERNEL_DTYPE_CODES[a.dtype],
-        b.data_ptr(),
-        KERNEL_DTYPE_CODES[b.dtype],
-        t,
-        out.numel(),
-        dtype == torch.float64,
-        out.data_ptr(),
-        KERNEL_DTYPE_CODES[out.dtype],
-    )
+    backends.cpu_extension().nearswap(*_native_args(a, b, t, dtype, out))
 
 
 def _run_cuda(a, b, t, dtype, out) -> None:
     device = out.device
     with torch.cuda.device(device):
-        backends.cuda_extension().nearswap(
-            a.data_ptr(),
-            KERNEL_DTYPE_CODES[a.dtype],
-            b.data_ptr(),
-            KERNEL_DTYPE_CODES[b.dtype],
-            t,
-            out.numel(),
-            dtype == torch.float64,
-            out.data_ptr(),
-            KERNEL_DTYPE_CODES[out.dtype],
-            torch.cuda.current_stream(device).cuda_stream,
-        )
+        stream = torch.cuda.current_stream(device).cuda_stream
+        backends.cuda_extension().nearswap(*_native_args(a, b, t, dtype, out), stream)
 
 
 def _run_triton(a, b, t, dtype, out) -> None:
