@@ -10,7 +10,9 @@ copy of a model's units without changing its function. :func:`match` (with
 layout, and :func:`allocate` (with :func:`layer_costs` and :func:`relative_flops`) picks
 per-group ratios for a relative-FLOPs budget. :func:`merge` builds the merged model
 (:func:`merge_weights`, :func:`solve_least_squares`, :func:`recompute_batchnorm`) with PLeaS
-or a baseline, and :class:`Ensemble` is the 2x reference.
+or a baseline, and :class:`Ensemble` is the 2x reference. :func:`merge_many` merges N models
+(:func:`match_many` aligns them to a reference, :func:`multi_layout` gives the
+``[merged | only-0 | ... | only-(N-1)]`` layout, budget in [1, N]).
 
 Example:
     >>> import torch
@@ -34,6 +36,9 @@ from .groups import (
 from .least_squares_stage import LayerFit, recompute_batchnorm, solve_least_squares
 from .matching import GroupMatch, PartialLayout, collect_features, match, partial_layout
 from .merging import Ensemble, identity_layouts, layouts_for, merge, merge_weights
+from .multi import merge_many, merge_weights_many, relative_flops_many
+from .multi_least_squares import solve_least_squares_many
+from .multi_matching import MultiLayout, MultiMatch, align_many, match_many, multi_layout
 
 __all__ = [
     "Axis",
@@ -43,10 +48,13 @@ __all__ = [
     "LayerCost",
     "LayerFit",
     "LayerGroups",
+    "MultiLayout",
+    "MultiMatch",
     "PartialLayout",
     "PermutationGroup",
     "PermutationSpec",
     "UntraceableModelError",
+    "align_many",
     "allocate",
     "apply_permutation",
     "collect_features",
@@ -54,11 +62,17 @@ __all__ = [
     "layer_costs",
     "layouts_for",
     "match",
+    "match_many",
     "merge",
+    "merge_many",
     "merge_weights",
+    "merge_weights_many",
+    "multi_layout",
     "partial_layout",
     "permutation_groups",
     "recompute_batchnorm",
     "relative_flops",
+    "relative_flops_many",
     "solve_least_squares",
+    "solve_least_squares_many",
 ]

@@ -399,23 +399,33 @@ def merge(
 
 
 class Ensemble(nn.Module):
-    """The 2x reference: the average of both models' outputs, ``(a(x) + b(x)) / 2``.
+    """The N x reference: the average of the models' outputs, ``(a(x) + b(x)) / 2`` for two
+    models, ``(m_0(x) + ... + m_{N-1}(x)) / N`` for ``Ensemble(m_0, ..., m_{N-1})``.
 
-    Holds the two models themselves (not copies).
+    Holds the models themselves (not copies): ``model_a``, ``model_b`` and the further ones
+    in ``others`` (an ``nn.ModuleList``, empty for two models).
 
     Example:
         >>> from torch import nn
-        >>> a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+        >>> a, b, c = nn.Linear(3, 2), nn.Linear(3, 2), nn.Linear(3, 2)
         >>> x = torch.randn(4, 3)
         >>> torch.allclose(fastmerge.pleas.Ensemble(a, b)(x), (a(x) + b(x)) / 2)
         True
+        >>> torch.allclose(fastmerge.pleas.Ensemble(a, b, c)(x), (a(x) + b(x) + c(x)) / 3)
+        True
     """
 
-    def __init__(self, model_a: nn.Module, model_b: nn.Module) -> None:
+    def __init__(self, model_a: nn.Module, model_b: nn.Module, *others: nn.Module) -> None:
         super().__init__()
         self.model_a = model_a
         self.model_b = model_b
+        self.others = nn.ModuleList(others)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Average of the two models' outputs (tensors)."""
-        return 0.5 * (self.model_a(*args, **kwargs) + self.model_b(*args, **kwargs))
+        """Average of the models' outputs (tensors)."""
+        total = self.model_a(*args, **kwargs) + self.model_b(*args, **kwargs)
+        if not len(self.others):
+            return 0.5 * total
+        for m in self.others:
+            total = total + m(*args, **kwargs)
+        return total / (2 + len(self.others))
