@@ -238,6 +238,18 @@ def test_permutation_alignment_removes_the_barrier_of_a_permuted_copy():
     )
 
 
+def test_permutation_align_of_a_list_is_each_pair_aligned():
+    a, b, c = _mlp(0), _mlp(1), _mlp(2)
+    data = _data()
+    both = permutation_align(a, [b, c], data)
+    assert isinstance(both, list) and len(both) == 2
+    for model, aligned in zip((b, c), both):
+        pair = permutation_align(a, model, data)
+        assert all(torch.equal(x, y) for x, y in zip(pair.parameters(), aligned.parameters()))
+        x = data[0]
+        assert torch.allclose(aligned(x), model(x), atol=1e-12)  # the same function
+
+
 def test_bn_data_re_estimates_statistics_at_every_alpha():
     a, b = _mlp(0, bn=True), _mlp(1, bn=True)
     data = _data(batches=1)

@@ -28,6 +28,7 @@ from torch import nn
 from ..pleas.groups import apply_permutation, permutation_groups
 from ..pleas.least_squares_stage import recompute_batchnorm
 from ..pleas.matching import _first_input, check_same_architecture, match
+from ..pleas.multi_matching import align_many
 from ._display import new_figure, progress_bar, save_png
 
 Evaluate = Callable[[nn.Module], Union[float, Mapping[str, float]]]
@@ -99,13 +100,17 @@ def _mix(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def permutation_align(
     model_a: nn.Module,
-    model_b: nn.Module,
+    model_b: Union[nn.Module, Sequence[nn.Module]],
     data: Iterable[Any],
     *,
     cost: str = "neg_sq_distance",
     distributed: Optional[bool] = None,
-) -> nn.Module:
+) -> Union[nn.Module, list[nn.Module]]:
     """A copy of ``model_b`` with its units permuted to line up with ``model_a``'s.
+
+    ``model_b`` may also be a list or tuple of models: then every one of them is aligned
+    to ``model_a`` (:func:`fastmerge.pleas.align_many` with ``model_a`` as the reference,
+    one pass over ``data`` for all of them) and the list of aligned copies is returned.
 
     Full permutation alignment (Git Re-Basin activation matching) with PLeaS' machinery:
     the permutation groups of ``model_a`` (:func:`fastmerge.pleas.permutation_groups`,
@@ -115,7 +120,7 @@ def permutation_align(
     ``model_b``.
 
     Args:
-        model_a, model_b: two models of the same architecture.
+        model_a, model_b: two models of the same architecture (or ``model_b`` a list of them).
         data: iterable of input batches or ``(input, target, ...)`` tuples.
         cost: the matching similarity (see :func:`fastmerge.pleas.match`).
         distributed: match on every rank's shard of the data (each rank at least one
@@ -132,7 +137,14 @@ def permutation_align(
         >>> aligned = fastmerge.wsa.permutation_align(a, b, [torch.randn(64, 4).double()])
         >>> torch.equal(aligned[0].weight, a[0].weight)
         True
+        >>> c = fastmerge.pleas.apply_permutation(a, spec, {"0": torch.randperm(6)})
+        >>> both = fastmerge.wsa.permutation_align(a, [b, c], [torch.randn(64, 4).double()])
+        >>> [torch.equal(m[0].weight, a[0].weight) for m in both]
+        [True, True]
     """
+    if isinstance(model_b, (list, tuple)):
+        aligned = align_many([model_a, *model_b], data, cost=cost, distributed=distributed)
+        return aligned[1:]
     check_same_architecture(model_a, model_b)
     batches = _reusable(data, "data")
     try:
