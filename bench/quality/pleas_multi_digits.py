@@ -26,7 +26,7 @@ training and the PLeaS configuration (``DEFAULT_PLEAS``: cost ``neg_sq_distance`
 1e-4, greedy allocation, ``sequential=True``, chosen on the validation split in the two-model
 study) are those of ``bench/quality/pleas_digits.py``, imported from it.
 
-Run (about 5 minutes on 2 idle CPU cores)::
+Run (17 minutes on 2 shared CPU cores at load average 8-10; ``--quick`` 11 s)::
 
     pip install -e ".[quality]"  # scikit-learn
     python bench/quality/pleas_multi_digits.py            # 3 seeds, both settings and archs
