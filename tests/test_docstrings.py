@@ -47,6 +47,7 @@ MODULES = [
     "fastmerge.pleas.least_squares_stage",
     "fastmerge.pleas.merging",
     "fastmerge.pleas.multi_matching",
+    "fastmerge.pleas.multi_layouts",
     "fastmerge.pleas.multi_least_squares",
     "fastmerge.pleas.multi",
     "fastmerge.wsa.penalty",

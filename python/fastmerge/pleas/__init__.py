@@ -37,8 +37,9 @@ from .least_squares_stage import LayerFit, recompute_batchnorm, solve_least_squa
 from .matching import GroupMatch, PartialLayout, collect_features, match, partial_layout
 from .merging import Ensemble, identity_layouts, layouts_for, merge, merge_weights
 from .multi import merge_many, merge_weights_many, relative_flops_many
+from .multi_layouts import MultiLayout, multi_layout
 from .multi_least_squares import solve_least_squares_many
-from .multi_matching import MultiLayout, MultiMatch, align_many, match_many, multi_layout
+from .multi_matching import MultiMatch, align_many, match_many
 
 __all__ = [
     "Axis",

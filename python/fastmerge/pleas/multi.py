@@ -31,16 +31,9 @@ from .groups import PermutationSpec, _named_tensors, permutation_groups
 from .least_squares_stage import _batch_list, recompute_batchnorm
 from .matching import COST_KINDS, _device_of, _first_input, _to_device
 from .merging import _CONV, METHODS, _check_module, _owner, _rebuild
+from .multi_layouts import MultiLayout, identity_multi_layouts, multi_layout
 from .multi_least_squares import solve_least_squares_many
-from .multi_matching import (
-    MultiLayout,
-    MultiMatch,
-    _check_rounds,
-    check_models,
-    identity_multi_layouts,
-    match_many,
-    multi_layout,
-)
+from .multi_matching import MultiMatch, _check_rounds, check_models, match_many
 
 __all__ = ["merge_many", "merge_weights_many", "relative_flops_many"]
 

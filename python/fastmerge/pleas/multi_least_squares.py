@@ -40,7 +40,8 @@ from .least_squares_stage import (
     recompute_batchnorm,
 )
 from .matching import _call, _device_of, _first_input, _to_device
-from .multi_matching import MultiLayout, check_models
+from .multi_layouts import MultiLayout
+from .multi_matching import check_models
 
 __all__ = ["allowed_inputs_many", "solve_least_squares_many"]
 
