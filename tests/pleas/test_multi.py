@@ -112,7 +112,9 @@ def test_two_models_match_and_layout_equal_the_pair_ones():
 def test_three_permuted_copies_merge_back(name, method):
     model, copies, data, spec = permuted_copies(name)
     merged = merge_many(copies, data, method=method, ridge=TINY_RIDGE)
-    assert close(outputs(merged, data), outputs(model, data))
+    # The least-squares solves with a tiny ridge amplify rounding (the BLAS may sum in a
+    # different order on a busy machine): 1e-4, far below what a wrong merge gives.
+    assert close(outputs(merged, data), outputs(model, data), 1e-4 if method == "pleas" else 1e-6)
     assert merged.fastmerge_info["ratios"] == {g: 0.0 for g in spec.groups}
     assert merged.fastmerge_info["relative_flops"] == 1.0
 
