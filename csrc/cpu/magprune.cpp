@@ -3,8 +3,9 @@
 //
 // A row of tau = expert - base is widened into a buffer (in L1/L2 for the widths of real
 // weights), its order-preserving keys (fastmerge/magnitude.h, NaNs made one key above
-// +inf) are sorted with their positions by 8-bit digits (the histograms of every digit in
-// one pass; a digit that is the same for the whole row is skipped), which gives each entry
+// +inf) are sorted with their positions, after subtracting the row's smallest key, by
+// digits of at most 10 bits over the bits in which the keys differ (the histograms of every
+// digit in one pass; a digit that is the same for the whole row is skipped), which gives each entry
 // its rank; one more loop draws the hash of each entry (fastmerge/keep_hash.h), compares it
 // with the rank's integer bound, and writes the kept tau. Stable passes rank ties by
 // position, as the reference's stable argsort does. The sums are float64 with eight
@@ -33,6 +34,8 @@ namespace {
 // Below this many elements read and written per thread a second thread does not pay.
 constexpr int64_t kMinElementsPerThread = 1 << 16;
 constexpr int kLanes = 8;  // accumulators of the sums
+// The widest radix digit (2^10 counters per pass).
+constexpr int kDigitBits = 10;
 
 // The one key of every NaN: just above +inf's (the keys of NaNs differ by payload).
 template <typename C>
@@ -117,42 +120,70 @@ template <typename C>
 struct Scratch {
   using Key = typename MagnitudeKey<C>::type;
   explicit Scratch(int64_t width)
-      : tau(width), keys(width), keys2(width), order(width), order2(width), rank(width) {}
+      : tau(width),
+        keys(width),
+        keys2(width),
+        order(width),
+        order2(width),
+        rank(width),
+        hist(static_cast<size_t>((8 * sizeof(Key) + kDigitBits - 1) / kDigitBits)
+             << kDigitBits) {}
   std::vector<C> tau;
   std::vector<Key> keys, keys2;
   std::vector<uint32_t> order, order2, rank;
+  std::vector<uint32_t> hist;  // passes * 2^digit bits counters
 };
 
-// rank[j] = ascending rank of keys[j] among keys[0..m), ties by j (a stable LSD radix sort
-// by 8-bit digits). keys is overwritten.
+// rank[j] = ascending rank of keys[j] among keys[0..m), ties by j: a stable LSD radix
+// sort of keys - min over the bits in which the row's keys differ (the span's bit width),
+// in the fewest passes of at most kDigitBits bits each (|tau| of one row spans a few
+// dozen octaves: about 27 of the 31 bits, three passes of 9). keys is overwritten.
 template <typename Key>
 __attribute__((always_inline)) inline void radix_ranks(Key* keys, Key* keys2, uint32_t* order,
                                                        uint32_t* order2, uint32_t* rank,
-                                                       int64_t m) {
-  constexpr int kDigits = sizeof(Key);
-  uint32_t hist[kDigits][256];
-  std::memset(hist, 0, sizeof(hist));
+                                                       int64_t m, uint32_t* hist) {
+  Key lo = keys[0], hi = keys[0];
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+  for (int64_t j = 0; j < m; ++j) {
+    lo = keys[j] < lo ? keys[j] : lo;
+    hi = keys[j] > hi ? keys[j] : hi;
+  }
+  if (lo == hi) {  // one key: the positions are the ranks
+    for (int64_t j = 0; j < m; ++j) rank[j] = static_cast<uint32_t>(j);
+    return;
+  }
+  const Key span = hi - lo;
+  const int bits = static_cast<int>(8 * sizeof(Key)) -
+                   (sizeof(Key) == 8 ? __builtin_clzll(static_cast<uint64_t>(span))
+                                     : __builtin_clz(static_cast<uint32_t>(span)));
+  const int passes = (bits + kDigitBits - 1) / kDigitBits;
+  const int width = (bits + passes - 1) / passes;
+  const int64_t bins = int64_t{1} << width;
+  const Key mask = static_cast<Key>(bins - 1);
+  std::memset(hist, 0, sizeof(uint32_t) * static_cast<size_t>(passes * bins));
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) keys[j] -= lo;
   for (int64_t j = 0; j < m; ++j) {
     const Key k = keys[j];
-    for (int d = 0; d < kDigits; ++d) ++hist[d][(k >> (8 * d)) & 255];
+    for (int d = 0; d < passes; ++d) ++hist[d * bins + ((k >> (width * d)) & mask)];
   }
   Key* src_k = keys;
   uint32_t* src_i = nullptr;  // the identity until the first pass that moves anything
   Key* dst_k = keys2;
   uint32_t* dst_i = order;
-  for (int d = 0; d < kDigits; ++d) {
-    uint32_t* h = hist[d];
-    const int shift = 8 * d;
-    if (h[(keys[0] >> shift) & 255] == static_cast<uint32_t>(m)) continue;  // one digit
+  for (int d = 0; d < passes; ++d) {
+    uint32_t* h = hist + d * bins;
+    const int shift = width * d;
+    if (h[(keys[0] >> shift) & mask] == static_cast<uint32_t>(m)) continue;  // one digit
     uint32_t sum = 0;
-    for (int b = 0; b < 256; ++b) {
-      const uint32_t c = h[b];
-      h[b] = sum;
-      sum += c;
+    for (int64_t c = 0; c < bins; ++c) {
+      const uint32_t count = h[c];
+      h[c] = sum;
+      sum += count;
     }
     for (int64_t p = 0; p < m; ++p) {
       const Key k = src_k[p];
-      const uint32_t at = h[(k >> shift) & 255]++;
+      const uint32_t at = h[(k >> shift) & mask]++;
       dst_k[at] = k;
       dst_i[at] = src_i == nullptr ? static_cast<uint32_t>(p) : src_i[p];
     }
@@ -210,7 +241,8 @@ __attribute__((always_inline)) inline void magprune_rows(const Args& a, int64_t 
       keys[j] = key < nan ? key : nan;
     }
     const double b = l1(tau, m);
-    radix_ranks<Key>(keys, s.keys2.data(), s.order.data(), s.order2.data(), s.rank.data(), m);
+    radix_ranks<Key>(keys, s.keys2.data(), s.order.data(), s.order2.data(), s.rank.data(), m,
+                     s.hist.data());
     const uint32_t* rank = s.rank.data();
     C* kept = other.data();
     const uint64_t first = a.offset + static_cast<uint64_t>(start) + 1;  // e + 1 at j = 0

@@ -227,3 +227,39 @@ def test_bad_input_raises_naming_the_argument(call, error, message):
     base, expert = _pair((3, 4), seed=6)
     with pytest.raises(error, match=message):
         call(base, expert)
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_special_rows_equal_the_reference(backend, device, dtype):
+    # a constant row (one key), keys differing only in the last bits (one radix pass),
+    # NaN, inf and signed zeros, and a row spanning the whole exponent range
+    one = torch.tensor(1.0, dtype=dtype)
+    tiny = torch.finfo(dtype).tiny
+    rows = torch.stack(
+        [
+            torch.full((9,), 0.25, dtype=dtype),
+            torch.nextafter(one, 2 * one) ** torch.arange(9, dtype=dtype),
+            torch.tensor(
+                [
+                    float("nan"),
+                    1.0,
+                    float("inf"),
+                    -0.0,
+                    0.0,
+                    -1.0,
+                    float("-inf"),
+                    float("nan"),
+                    2.0,
+                ],
+                dtype=dtype,
+            ),  # fmt: skip
+            torch.tensor([tiny, 1e30, -3.0, 1e-30, 5.0, -tiny, 7.0, 1e-3, 0.5], dtype=dtype),
+        ]
+    )
+    base = torch.zeros_like(rows)
+    for options in ({}, {"density": 0.5, "epsilon": 0.5}, {"density": 0.2, "epsilon": 0.0}):
+        want, want_norms = _run(base, rows, "reference", **options)
+        got, norms = _run(base, rows, backend, device, **options)
+        assert _same(got, want), options
+        torch.testing.assert_close(norms, want_norms, rtol=1e-12, atol=0.0, equal_nan=True)
