@@ -249,6 +249,7 @@ def _direct_calls():
             (r(3, 4), r(5, 4), r(5), r(2, 5, 1), r(2, 1, 4), r(3, 2)),
         ),
         "merge_lowrank": (ops.merge_lowrank, (r(5, 4), r(2, 5, 1), r(2, 1, 4), r(2))),
+        "magprune": (lambda b, e: ops.magprune(b, e, 0.5, 0.2, seed=3), (r(4, 5), r(4, 5))),
     }
 
 

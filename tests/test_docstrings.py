@@ -27,6 +27,7 @@ MODULES = [
     "fastmerge.ops.gram",
     "fastmerge.ops.lowrank_mixture",
     "fastmerge.ops.magnitude_threshold",
+    "fastmerge.ops.magprune",
     "fastmerge.ops.nearswap",
     "fastmerge.ops.ties_combine",
     "fastmerge.ops.gta_combine",

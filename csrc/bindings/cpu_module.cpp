@@ -19,6 +19,7 @@
 #include "../cpu/linear_assignment.h"
 #include "../cpu/lowrank_mixture.h"
 #include "../cpu/magnitude_threshold.h"
+#include "../cpu/magprune.h"
 #include "../cpu/nearswap.h"
 #include "../cpu/scope_grad.h"
 #include "../cpu/scope_stats.h"
@@ -354,6 +355,25 @@ PYBIND11_MODULE(_C, m) {
       py::arg("n"), py::arg("float64"), py::arg("out"), py::arg("out_dtype"),
       "out = w * b + (1 - w) * a with w = clamp(t / max(|a - b|, 1e-6), 0, 1) (n elements, "
       "dtype codes per input), in float32 (float64 when float64), written in out_dtype.");
+  m.def(
+      "magprune",
+      [](uintptr_t base, int32_t base_dtype, uintptr_t expert, int32_t expert_dtype, int64_t n,
+         int64_t width, int64_t inner, bool float64, int64_t key, int64_t below, int64_t step,
+         int64_t offset, uintptr_t out, int32_t out_dtype, uintptr_t norms) {
+        py::gil_scoped_release release;
+        fastmerge::cpu::magprune(reinterpret_cast<const void*>(base), base_dtype,
+                                 reinterpret_cast<const void*>(expert), expert_dtype, n, width,
+                                 inner, float64, key, below, step, offset,
+                                 reinterpret_cast<void*>(out), out_dtype,
+                                 reinterpret_cast<double*>(norms));
+      },
+      py::arg("base"), py::arg("base_dtype"), py::arg("expert"), py::arg("expert_dtype"),
+      py::arg("n"), py::arg("width"), py::arg("inner"), py::arg("float64"), py::arg("key"),
+      py::arg("below"), py::arg("step"), py::arg("offset"), py::arg("out"),
+      py::arg("out_dtype"), py::arg("norms"),
+      "DELLA's MAGPRUNE of tau = expert - base: per row (width entries at stride inner) "
+      "keep the entry of |tau| rank r iff its hash is below below + r * step; writes the kept "
+      "tau into out and [sum |tau|, sum kept |tau|] into norms (2 float64).");
   m.def("set_num_threads", &fastmerge::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &fastmerge::get_num_threads);
 }

@@ -133,6 +133,21 @@ CPU_CASES = {
         "nearswap: out_dtype",
         ALL,
     ),
+    "magprune base_dtype": (
+        lambda C, p: C.magprune(p, BAD, p, F32, 4, 4, 1, False, 1, 0, 0, 0, p, F32, p),
+        "magprune: base_dtype",
+        ALL,
+    ),
+    "magprune expert_dtype": (
+        lambda C, p: C.magprune(p, F32, p, BAD, 4, 4, 1, False, 1, 0, 0, 0, p, F32, p),
+        "magprune: expert_dtype",
+        ALL,
+    ),
+    "magprune out_dtype": (
+        lambda C, p: C.magprune(p, F32, p, F32, 4, 4, 1, False, 1, 0, 0, 0, p, BAD, p),
+        "magprune: out_dtype",
+        ALL,
+    ),
 }
 
 # The CUDA entry points whose dtype codes the host holds (the tensor-table ones keep theirs

@@ -18,6 +18,7 @@ from fastmerge.ops.linear_assignment import _OP as linear_assignment_op
 from fastmerge.ops.lowrank_mixture import _MERGE_OP as merge_lowrank_op
 from fastmerge.ops.lowrank_mixture import _OP as lowrank_mixture_op
 from fastmerge.ops.magnitude_threshold import _OP as magnitude_threshold_op
+from fastmerge.ops.magprune import _OP as magprune_op
 from fastmerge.ops.nearswap import _OP as nearswap_op
 from fastmerge.ops.scope_grad import scope_grad_op
 from fastmerge.ops.scope_stats import scope_stats_op
@@ -111,6 +112,10 @@ def _cases(device: str) -> dict[str, tuple]:
             ),
         ),  # fmt: skip
         "nearswap": (nearswap_op, (base, experts[0], 0.5, torch.empty_like(base), None)),
+        "magprune": (
+            magprune_op,
+            (base, experts[0], 123, 2**51, 2**47, 0, 4, 2, torch.empty_like(base), None),
+        ),
         "weighted_sum": (
             weighted_sum_op,
             (experts, [0.5, 0.25], torch.float32, torch.empty_like(base), None),

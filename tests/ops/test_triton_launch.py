@@ -72,6 +72,9 @@ def _launchers() -> dict[str, object]:
         "magnitude_threshold.magnitude_threshold": (
             lambda: kernels.magnitude_threshold.magnitude_threshold(base, experts, 3, torch.float32)
         ),
+        "magprune.magprune": lambda: kernels.magprune.magprune(
+            base, experts[0], 123, 2**51, 2**47, 0, 10, 1, torch.float32, torch.empty(50)
+        ),
         "nearswap.nearswap": lambda: kernels.nearswap.nearswap(
             base, experts[0], 0.5, torch.float32, torch.empty(50)
         ),

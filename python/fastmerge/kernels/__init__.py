@@ -34,6 +34,7 @@ KERNEL_MODULES = (
     "gta_combine",
     "lowrank_mixture",
     "magnitude_threshold",
+    "magprune",
     "nearswap",
     "scope_grad",
     "scope_stats",

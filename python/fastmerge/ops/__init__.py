@@ -13,6 +13,7 @@ from .gta_combine import gta_combine
 from .linear_assignment import linear_assignment
 from .lowrank_mixture import clear_lowrank_cache, lowrank_mixture, merge_lowrank
 from .magnitude_threshold import magnitude_threshold
+from .magprune import magprune
 from .nearswap import nearswap
 from .scope_grad import scope_grad
 from .scope_stats import scope_stats
@@ -30,6 +31,7 @@ __all__ = [
     "merge_lowrank",
     "clear_lowrank_cache",
     "magnitude_threshold",
+    "magprune",
     "nearswap",
     "scope_grad",
     "scope_stats",

@@ -22,8 +22,10 @@ The thresholds come from :func:`fastmerge.ops.magnitude_threshold` (exact radix
 selection; every entry tied with the threshold is kept, where mergekit keeps exactly k
 and breaks ties by its sort order), the per-entry step from
 :func:`fastmerge.ops.gta_combine` (one fused pass; DARE's masks are drawn inside it from a
-counter-based hash of (seed, expert, entry)). DELLA's rank-dependent masks are built
-with a per-row sort first and combined with torch ops.
+counter-based hash of (seed, expert, entry)). DELLA's rank-dependent drop is
+:func:`fastmerge.ops.magprune` (per row an exact rank, the same hash; one pass writes the
+kept delta and its L1 norms), whose kept deltas the same fused combine then takes with
+their rescale factors.
 """
 
 from __future__ import annotations
@@ -76,12 +78,13 @@ def parameters(normalize: bool, rescale: bool, sparsify: Optional[str] = None,
 class Selection:
     """Per expert: the kept band ``lower <= |τ| <= upper``, the rescale factor, and for
     the random sparsifiers the keep probability (DARE: masks drawn inside
-    :func:`fastmerge.ops.gta_combine` from `seed`) or an explicit mask (DELLA)."""
+    :func:`fastmerge.ops.gta_combine` from `seed`) or the kept delta itself (DELLA: τ
+    where :func:`fastmerge.ops.magprune` keeps it, 0 elsewhere; None: the whole τ)."""
 
     lower: list[float]
     upper: list[float]
     scales: list[float]
-    masks: Optional[list[Optional[torch.Tensor]]] = None
+    deltas: Optional[list[Optional[torch.Tensor]]] = None
     keep_probability: Optional[list[float]] = None
     seed: int = 0
 
@@ -101,31 +104,6 @@ def _kth_largest(base: torch.Tensor, experts: list[torch.Tensor], ks: list[int])
     return out
 
 
-def _uniform(shape, seed: int, device) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(shape, generator=gen).to(device)
-
-
-def _della_mask(magnitude: torch.Tensor, density: float, epsilon: float, seed: int) -> torch.Tensor:
-    """DELLA's MAGPRUNE mask from |τ|: per row (dim 1 of a 2-D view; a 1-D tensor is one row), the
-    entry of ascending magnitude rank r of C is kept with probability
-    ``density - ε + 2ε (r - 1) / (C - 1)``."""
-    m = magnitude
-    rows = m.reshape(1, -1) if m.dim() < 2 else m.reshape(m.shape[0], m.shape[1], -1)
-    if rows.dim() == 3:  # mergekit ranks along dim 1 of the original tensor
-        rows = rows.transpose(1, 2).reshape(-1, magnitude.shape[1])
-    width = rows.shape[1]
-    order = torch.argsort(rows, dim=1)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(width, device=rows.device).expand_as(order))
-    rank_norm = ranks.to(torch.float32) / max(width - 1, 1)
-    probs = (density - epsilon) + rank_norm * (2 * epsilon)
-    keep = _uniform(rows.shape, seed, rows.device) < probs
-    if magnitude.dim() > 2:
-        keep = keep.reshape(magnitude.shape[0], -1, magnitude.shape[1]).transpose(1, 2)
-    return keep.reshape(magnitude.shape)
-
-
 def select(task, base: torch.Tensor, experts, sparsify: Optional[str]) -> Selection:
     """The whole-tensor part of the merge of one tensor: thresholds, masks, rescales.
 
@@ -143,28 +121,34 @@ def select(task, base: torch.Tensor, experts, sparsify: Optional[str]) -> Select
         count = len(experts)
         return Selection(lower, [float("inf")] * count, [1.0] * count)
     out = Selection([], [], [], [] if sparsify == "della_magprune" else None)
+    if sparsify in ("random", "della_magprune"):
+        out.seed = mask_seed(task.seed, task.name, 0)
     if sparsify == "random":
         out.keep_probability = [min(1.0, p["density"]) for p in params]
-        out.seed = mask_seed(task.seed, task.name, 0)
     for t, expert in enumerate(experts):
-        lower, upper, scale, mask = _select_one(task, t, params[t], base, expert, sparsify,
-                                                out.seed)  # fmt: skip
+        lower, upper, scale, delta = _select_one(task, t, params[t], base, expert, sparsify,
+                                                 out.seed)  # fmt: skip
         out.lower.append(lower)
         out.upper.append(upper)
         out.scales.append(scale)
-        if out.masks is not None:
-            out.masks.append(mask)
+        if out.deltas is not None:
+            out.deltas.append(delta)
     return out
 
 
 def _select_one(task, t: int, p: dict, base: torch.Tensor, expert: torch.Tensor,
                 sparsify: Optional[str], seed: int):  # fmt: skip
-    """(lower, upper, scale, mask) of expert t (`seed`: DARE's seed of the tensor)."""
+    """(lower, upper, scale, kept delta) of expert t (`seed`: the random sparsifiers' seed
+    of the tensor; the kept delta: DELLA's, else None)."""
     n = base.numel()
-    lower, upper, mask = 0.0, float("inf"), None
+    lower, upper = 0.0, float("inf")
     if sparsify is None or p["density"] >= 1.0 or n == 0:
         return lower, upper, 1.0, None
     d = p["density"]
+    if sparsify == "della_magprune":
+        delta, norms = ops.magprune(base, expert, d, p["epsilon"], seed=seed, expert_index=t)
+        before, after = norms.tolist()  # float64 sums of |τ| and of the kept |τ|
+        return lower, upper, _rescale(task, d, before, after), delta
     if sparsify == "magnitude":
         lower = _kth_largest(base, [expert], [max(1, int(d * n))])[0]
     elif sparsify == "magnitude_outliers":
@@ -176,26 +160,33 @@ def _select_one(task, t: int, p: dict, base: torch.Tensor, expert: torch.Tensor,
             upper, lower = _kth_largest(
                 base, [expert, expert], [n - bottom - target + 1, n - bottom]
             )
-    magnitude = None  # |τ|, computed once for DELLA's ranks and the L1 rescale
-    if sparsify == "della_magprune":
-        magnitude = (expert - base).abs_()
-        mask = _della_mask(magnitude, d, p["epsilon"], mask_seed(task.seed, task.name, t))
     scale = 1.0
     if task.shared["rescale"]:
         if task.shared["rescale_rule"] == "density":
             scale = 1.0 / d
         else:
-            if magnitude is None:
-                magnitude = (expert - base).abs_()
+            magnitude = (expert - base).abs_()
             before = magnitude.sum().item()  # float32, cascaded (mergekit: the same)
             if sparsify == "random":
                 after = _random_kept_l1(base, expert, d, seed, t, magnitude)
             else:
-                kept = _kept(magnitude, lower, upper, mask)
+                kept = (magnitude >= lower) & (magnitude <= upper)
                 after = torch.where(kept, magnitude, 0).sum().item()
-            if before >= RESCALE_EPS and after >= RESCALE_EPS:
-                scale = before / after
-    return lower, upper, scale, mask if sparsify == "della_magprune" else None
+            scale = _rescale(task, d, before, after)
+    return lower, upper, scale, None
+
+
+def _rescale(task, density: float, before: float, after: float) -> float:
+    """The factor of the kept deltas: 1 without ``rescale``; ``1 / density`` under
+    ``rescale_rule: density``; else ``before / after`` (the L1 norms of τ and of the kept
+    τ), 1 where either is below :data:`RESCALE_EPS` (or NaN)."""
+    if not task.shared["rescale"]:
+        return 1.0
+    if task.shared["rescale_rule"] == "density":
+        return 1.0 / density
+    if before >= RESCALE_EPS and after >= RESCALE_EPS:
+        return before / after
+    return 1.0
 
 
 def _random_kept_l1(base: torch.Tensor, expert: torch.Tensor, density: float, seed: int,
@@ -210,41 +201,37 @@ def _random_kept_l1(base: torch.Tensor, expert: torch.Tensor, density: float, se
     return kept.sub_(base).abs_().sum().item()
 
 
-def _kept(magnitude: torch.Tensor, lower: float, upper: float,
-          mask: Optional[torch.Tensor]) -> torch.Tensor:  # fmt: skip
-    kept = (magnitude >= lower) & (magnitude <= upper)
-    return kept if mask is None else kept & mask
-
-
 def combine(task, base: torch.Tensor, experts: list[torch.Tensor], selection: Selection,
             consensus: bool) -> torch.Tensor:  # fmt: skip
     """Steps 3-5 of the module doc for one tensor (or the same rows of every input)."""
     weights = [p["weight"] for p in _experts(task)]
     zero_sum = task.shared.get("zero_sum", "positive")
-    if selection.masks is None:
+    if selection.deltas is None:
         return ops.gta_combine(
             base, experts, weights, lower=selection.lower, upper=selection.upper,
             scales=selection.scales, keep_probability=selection.keep_probability,
             seed=selection.seed, consensus=consensus, zero_sum=zero_sum,
             normalize=task.shared["normalize"], lam=task.shared["lambda"],
         )  # fmt: skip
-    deltas = []
-    for t, e in enumerate(experts):
-        tau = e - base
-        mask = selection.masks[t]
-        if mask is not None:
-            tau.mul_(mask).mul_(selection.scales[t])
-        deltas.append(tau)
+    # DELLA: the kept deltas about a zero base (τ - 0 = τ exactly), τ of the experts that
+    # keep everything (density 1) formed here; their rescale factors applied in the pass.
+    deltas = [e - base if k is None else k for e, k in zip(experts, selection.deltas)]
     shared = task.shared
-    return masked_combine(base, deltas, weights, consensus=consensus, zero_sum=zero_sum,
-                          normalize=shared["normalize"], lam=shared["lambda"])  # fmt: skip
+    return masked_combine(base, deltas, weights, scales=selection.scales, consensus=consensus,
+                          zero_sum=zero_sum, normalize=shared["normalize"],
+                          lam=shared["lambda"])  # fmt: skip
 
 
 def masked_combine(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
                    **options: Any) -> torch.Tensor:  # fmt: skip
-    """Steps 3-5 on deltas already masked and rescaled (DELLA's and SCE's path): the fused
-    combine of the deltas about a zero base (τ − 0 = τ exactly), then added to the base."""
-    mixed = ops.gta_combine(torch.zeros_like(base), deltas, weights, **options)
+    """Steps 3-5 on deltas already masked (DELLA's path): the fused combine of the deltas
+    about a zero base (τ − 0 = τ exactly; `options` as for :func:`fastmerge.ops.gta_combine`,
+    e.g. the rescale ``scales``), then added to the base."""
+    dtypes = {d.dtype for d in deltas}
+    zero_dtype = dtypes.pop() if len(dtypes) == 1 else base.dtype  # no conversion copies
+    zero = torch.zeros(base.shape, dtype=zero_dtype, device=base.device)
+    out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    mixed = ops.gta_combine(zero, deltas, weights, out=out, **options)
     return mixed.add_(base)
 
 
