@@ -12,7 +12,8 @@ and ``adapter_model.safetensors`` with, per adapted module ``M`` of the base mod
   ``scale * (B @ A).T``;
 * optionally ``base_model.model.M.lora_B.bias`` (added to ``M.bias``, as mergekit writes
   it) and full tensors ``base_model.model.NAME`` that replace the base's ``NAME``
-  (``modules_to_save``).
+  (``modules_to_save``; ``M.base_layer.weight``, which PEFT saves with an adapted
+  embedding, replaces ``M.weight``).
 
 ``scale`` is ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``), ``r`` and
 ``alpha`` of the module from ``rank_pattern``/``alpha_pattern`` when a pattern matches
@@ -211,8 +212,8 @@ class LoraAdapter:
     def apply_rows(self, name: str, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of base tensor `name` (given as `rows`) with the adapter
         merged in."""
-        if name in self._full:
-            return self._tensors[self._full[name]][start:stop].to(rows.dtype)
+        if name in self._full:  # replaced first, then changed as any other tensor
+            rows = self._tensors[self._full[name]][start:stop].to(rows.dtype)
         if name in self._biases:
             bias = self._tensors[self._biases[name]][start:stop]
             return (rows.to(torch.float32) + bias.to(torch.float32)).to(rows.dtype)
@@ -226,7 +227,7 @@ class LoraAdapter:
             d = a[:, start:stop].T @ b.T
         else:
             d = b[start:stop] @ a
-        return rows.to(dtype).add_(d, alpha=m.scale).to(rows.dtype)
+        return torch.add(rows.to(dtype), d, alpha=m.scale).to(rows.dtype)  # not in place
 
     def check_base(self, base: Mapping[str, Any], where: str = "base model") -> None:
         """Raise LoraError unless every tensor the adapter changes is in `base` (a
@@ -360,8 +361,8 @@ def _parse_keys(p: Path, config: dict[str, Any], tensors: Checkpoint):
                     f"{p}: {key!r}: not a LoRA factor fastmerge knows "
                     "(lora_A/lora_B, lora_embedding_A/B)"
                 )
-            else:
-                full[key[len(PREFIX) :]] = key
+            else:  # a whole tensor (modules_to_save; PEFT's saved embedding base_layer)
+                full[key[len(PREFIX) :].replace(".base_layer.", ".")] = key
     r0, alpha0 = config.get("r", 8), config.get("lora_alpha", 8)
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
