@@ -84,8 +84,8 @@ class ModuleReport:
 
 @dataclass
 class ExtractionReport:
-    """What :func:`extract_lora` wrote: the modules, the tensors that differ but are not
-    2-D weights (not representable as LoRA: left out, with a warning), and the time.
+    """What :func:`extract_lora` wrote: the modules, the tensors that differ but are left
+    out (not 2-D weights of the selected modules; a warning names them), and the time.
 
     Example:
         >>> r = ExtractionReport(Path("out"), [ModuleReport("fc", (8, 6), 2, 0.25, 0.9)])
@@ -119,7 +119,10 @@ class ExtractionReport:
             f"{self.max_error:.3e}, {self.seconds:.1f} s -> {self.out}"
         )
         if self.skipped:
-            lines.append(f"not representable as LoRA (left out): {', '.join(self.skipped)}")
+            lines.append(
+                f"differ but left out (not 2-D weights of the selected modules): "
+                f"{', '.join(self.skipped)}"
+            )
         return "\n".join(lines)
 
 
