@@ -22,7 +22,8 @@ included: mergekit with ``--embed-lora``):
 Rounds alternate between the peers (after an untimed warm-up SVD); the medians are
 reported with their ratios. Each adapter's relative Frobenius reconstruction error
 ``||D - scale B A||_F / ||D||_F`` is computed afterwards, outside the timing, by one
-function for every peer (mean and max over the modules). The load average is recorded before and after.
+function for every peer (mean and max over the modules). The load average is recorded
+before and after.
 
 Run: ``python bench/bench_extract_lora.py [--rounds 3] [--workdir DIR] [--keep]``;
 results go to ``bench/results/extract_lora-cpu.{json,md}``.
