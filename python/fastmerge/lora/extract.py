@@ -13,9 +13,10 @@ The rank of a module is a fixed `rank` or, with `energy`, the smallest rank whos
 values keep that fraction of ``||D||_F^2`` (capped at `max_rank`). The SVD is
 :func:`fastmerge.twin.svd.truncated_svd`'s randomized one (a seeded range finder of
 ``rank + 10`` columns, 4 power iterations) on `device`, exact where the matrix is small.
-With `energy`, the spectrum comes from a sketch of ``max_rank + 10`` columns: its leading
-singular values are those of D up to the range finder's error, and the total energy is
-``||D||_F^2`` computed exactly, so the chosen rank can only err upwards by a little.
+With `energy`, the spectrum comes from a sketch of ``max_rank + 10`` columns and the total
+energy ``||D||_F^2`` is computed exactly; the sketch's singular values never exceed D's (it
+is a projection), so the chosen rank is never below the exact SVD's, and above it only
+where the range finder misses part of the leading spectrum.
 
 Streaming: the headers are checked first (same tensors, same shapes; ranks that fit),
 then one pair of tensors at a time is read, factored and dropped; only the factors
