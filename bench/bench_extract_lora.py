@@ -19,8 +19,9 @@ included: mergekit with ``--embed-lora``):
   each in its own subprocess (``HF_HUB_OFFLINE=1``; start-up and imports included for
   both), so that their ratio compares like with like.
 
-Rounds alternate between the peers (after an untimed warm-up SVD); the medians are
-reported with their ratios. Each adapter's relative Frobenius reconstruction error
+Rounds alternate between the peers (after an untimed warm-up SVD; the commands only in
+the first ``--command-rounds``); the medians are reported with their ratios, and the
+results are written after every round. Each adapter's relative Frobenius reconstruction error
 ``||D - scale B A||_F / ||D||_F`` is computed afterwards, outside the timing, by one
 function for every peer (mean and max over the modules). The load average is recorded
 before and after.
@@ -41,7 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 RANK = 16
@@ -214,7 +215,18 @@ def has_mergekit() -> bool:
     return True
 
 
-def measure(base: Path, ft: Path, work: Path, rounds: int, mergekit: bool) -> dict[str, Any]:
+def measure(
+    base: Path,
+    ft: Path,
+    work: Path,
+    rounds: int,
+    mergekit: bool,
+    publish: Callable[[dict[str, Any]], None],
+    command_rounds: int,
+) -> dict[str, Any]:
+    """Alternating rounds of every peer; `publish` gets the result after each round (so
+    that a run cut short keeps what it measured). The two commands run in the first
+    `command_rounds` rounds only (mergekit is slow)."""
     import torch
 
     todo = peers(base, ft, work, mergekit)
@@ -225,8 +237,11 @@ def measure(base: Path, ft: Path, work: Path, rounds: int, mergekit: bool) -> di
     lora_factors(warm, 4)
     times: dict[str, list[float]] = {name: [] for name in todo}
     errs: dict[str, dict[str, float]] = {}
+    result: dict[str, Any] = {"rank": RANK, "planted_rank": PLANTED_RANK, "peers": {}}
     for r in range(rounds):
         for name, fn in todo.items():
+            if name.endswith("(command)") and r >= command_rounds:
+                continue
             out = work / f"out-{list(todo).index(name)}-{r}"
             shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
@@ -236,21 +251,17 @@ def measure(base: Path, ft: Path, work: Path, rounds: int, mergekit: bool) -> di
                 errs[name] = errors(base, ft, out)
             shutil.rmtree(out, ignore_errors=True)
             print(f"round {r + 1}: {name}: {times[name][-1]:.2f} s", flush=True)
-    result: dict[str, Any] = {
-        "rank": RANK,
-        "planted_rank": PLANTED_RANK,
-        "rounds": rounds,
-        "peers": {},
-    }
-    for name in todo:
-        e = list(errs[name].values())
-        result["peers"][name] = {
-            "seconds": times[name],
-            "median_s": statistics.median(times[name]),
-            "modules": len(e),
-            "mean_error": sum(e) / len(e),
-            "max_error": max(e),
-        }
+        result["rounds"] = r + 1
+        for name in todo:
+            e = list(errs[name].values())
+            result["peers"][name] = {
+                "seconds": times[name],
+                "median_s": statistics.median(times[name]),
+                "modules": len(e),
+                "mean_error": sum(e) / len(e),
+                "max_error": max(e),
+            }
+        publish(result)
     return result
 
 
@@ -310,9 +321,32 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", help="a 3.6M-parameter model")
     parser.add_argument("--skip-mergekit", action="store_true", help="leave the commands out")
     parser.add_argument("--keep", action="store_true", help="keep --workdir's checkpoints")
+    parser.add_argument(
+        "--command-rounds",
+        type=int,
+        default=None,
+        help="rounds of the two commands (default: --rounds; mergekit is slow)",
+    )
     args = parser.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fastmerge-bench-extract-lora-"))
     work.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(HERE))
+    from bench_merge_cli import machine_info
+
+    machine = machine_info()
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    state: dict[str, Any] = {"text": ""}
+
+    def publish(result: dict[str, Any]) -> None:
+        result["load_before"] = load_before
+        result["load_after"] = [round(x, 2) for x in os.getloadavg()]
+        result["small"] = args.small
+        result["machine"] = machine
+        state["text"] = text = report(result, machine)
+        (results / f"{args.name}.md").write_text(text)
+        (results / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+
     try:
         base, ft = work / "base", work / "ft"
         if not (ft / "config.json").exists():
@@ -320,23 +354,13 @@ def main(argv=None) -> int:
             shutil.rmtree(ft, ignore_errors=True)
             base, ft = build_pair(work, args.small)
         load_before = [round(x, 2) for x in os.getloadavg()]
-        result = measure(base, ft, work, args.rounds, has_mergekit() and not args.skip_mergekit)
-        result["load_before"] = load_before
-        result["load_after"] = [round(x, 2) for x in os.getloadavg()]
-        result["small"] = args.small
+        mergekit = has_mergekit() and not args.skip_mergekit
+        command_rounds = args.rounds if args.command_rounds is None else args.command_rounds
+        measure(base, ft, work, args.rounds, mergekit, publish, command_rounds)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    sys.path.insert(0, str(HERE))
-    from bench_merge_cli import machine_info
-
-    machine = machine_info()
-    result["machine"] = machine
-    text = report(result, machine)
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / f"{args.name}.md").write_text(text)
-    (results / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = state["text"]
     print(text)
     return 0
 
