@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from fastmerge import engine
+from fastmerge.engine.errors import ConfigError
 from fastmerge.io import CheckpointError, open_checkpoint
 from fastmerge.lora import LoraError, adapt_checkpoint, extract_lora, load_adapter
 
@@ -231,6 +232,18 @@ def test_merge_input_that_is_not_an_adapter(inputs, tmp_path):
     with pytest.raises(CheckpointError, match="local model path does not exist"):
         engine.run(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    cfg = engine.parse_config(
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": f"{inputs / 'base'}+{inputs / 'adapter'}"},
+                {"model": str(inputs / "other")},
+            ],
+        }
+    )
+    with pytest.raises(ConfigError, match="is \\(or holds\\) the input model"):
+        engine.run(cfg, inputs / "adapter", overwrite=True)  # would replace the adapter
+    assert load_adapter(inputs / "adapter").modules
 
 
 def test_mergekit_gives_the_same_tensors_for_base_plus_adapter(inputs, tmp_path):

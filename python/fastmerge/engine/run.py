@@ -323,8 +323,8 @@ def check_device(device: str) -> torch.device:
 
 
 def check_not_an_input(out_dir: PathLike, cfg: MergeConfig) -> None:
-    """Refuse an output directory that is an input model, or holds one (``--overwrite``
-    would replace the input).
+    """Refuse an output directory that is an input model (or either part of a
+    ``base+adapter`` one), or holds one (``--overwrite`` would replace the input).
 
     Example:
         >>> import tempfile
@@ -338,14 +338,17 @@ def check_not_an_input(out_dir: PathLike, cfg: MergeConfig) -> None:
     out = Path(out_dir).resolve()
     for ref in cfg.all_models():
         path = Path(str(ref)).expanduser()
-        if not path.exists():
-            continue  # a hub id: its files are in the hub's cache
-        path = path.resolve()
-        if path == out or out in path.parents:
-            raise ConfigError(
-                f"--out {out_dir}: is (or holds) the input model {ref}; choose another "
-                "output directory"
-            )
+        parts = [path] if path.exists() else [Path(p.strip()).expanduser()
+                                              for p in str(ref).split("+")]  # fmt: skip
+        for path in parts:
+            if not path.exists():
+                continue  # a hub id: its files are in the hub's cache
+            path = path.resolve()
+            if path == out or out in path.parents:
+                raise ConfigError(
+                    f"--out {out_dir}: is (or holds) the input model {ref}; choose another "
+                    "output directory"
+                )
 
 
 def _set_threads(threads: int) -> None:
