@@ -95,6 +95,10 @@ MODULES = [
     "fastmerge.twin.io",
     "fastmerge.twin.router",
     "fastmerge.twin.model",
+    "fastmerge.lora",
+    "fastmerge.lora.adapter",
+    "fastmerge.lora.extract",
+    "fastmerge.cli.extract_lora",
 ]
 
 

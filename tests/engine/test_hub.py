@@ -467,7 +467,7 @@ def test_bad_references(cache, text, match):
 
 
 def test_lora_is_kept_but_refused(cache):
-    with pytest.raises(ConfigError, match=r"^org/base\+org/lora: LoRA adapters .* not supported"):
+    with pytest.raises(ConfigError, match=r"^org/base\+org/lora: LoRA adapters .* not accepted"):
         parse_model_reference("org/base+org/lora")
     with pytest.raises(ConfigError, match="no local path '/models/a\\+b' exists either"):
         parse_model_reference("/models/a+b")
@@ -475,9 +475,10 @@ def test_lora_is_kept_but_refused(cache):
     assert (ref.repo_id, ref.revision) == ("org/base", "v2")
     assert ref.lora == ModelReference(path=Path("adapters/math"))
     assert str(ref) == "org/base@v2+adapters/math"
-    with pytest.raises(ConfigError, match="not supported yet"):
+    assert ref.model == ModelReference(repo_id="org/base", revision="v2")
+    with pytest.raises(ConfigError, match="resolve the model .* one at a time"):
         resolve_model(ref)
-    with pytest.raises(ConfigError, match="not supported yet"):
+    with pytest.raises(ConfigError, match="not accepted here"):
         resolve_model("org/base+org/lora")
 
 

@@ -3,7 +3,8 @@
 A reference is a local path (``./models/a``, ``/abs/path``, ``~/models/a``) or a Hugging
 Face Hub repo id (``org/name``, ``org/name@revision`` with a branch, tag or commit); a
 local path that exists always wins over a hub id of the same spelling. mergekit's
-``base+lora`` form is parsed but refused for now.
+``base+lora`` form (a model and a PEFT LoRA adapter merged into it) parses with
+``allow_lora=True``; its two parts are resolved one at a time.
 
 :func:`resolve_model` turns a reference into a directory: a local path as it is, a hub id
 through :func:`huggingface_hub.snapshot_download` (weights, config, tokenizer files),
@@ -60,6 +61,7 @@ _METADATA = [
     "vocab.txt",
     "merges.txt",
     "chat_template.json",
+    "adapter_config.json",
     "preprocessor_config.json",
     "processor_config.json",
     "*.model",
@@ -76,8 +78,8 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 @dataclass(frozen=True)
 class ModelReference:
     """A parsed model reference: a local `path` or a hub `repo_id` (with an optional
-    `revision`); `lora` is the adapter of a ``base+lora`` reference, kept for when
-    adapters are supported (:func:`resolve_model` refuses it for now).
+    `revision`); `lora` is the adapter of a ``base+lora`` reference (resolve the model and
+    the adapter one at a time: :func:`resolve_model` gives one directory).
 
     Example:
         >>> str(ModelReference(repo_id="org/name", revision="main"))
@@ -86,6 +88,8 @@ class ModelReference:
         'https://huggingface.co/org/name'
         >>> ModelReference(path=Path("models/a")).is_local
         True
+        >>> str(ModelReference(repo_id="o/b", lora=ModelReference(path=Path("l"))).model)
+        'o/b'
     """
 
     path: Optional[Path] = None
@@ -103,6 +107,11 @@ class ModelReference:
             )
         if self.lora is not None and self.lora.lora is not None:
             raise ConfigError(f"{self}: an adapter cannot have an adapter of its own")
+
+    @property
+    def model(self) -> ModelReference:
+        """The reference without its adapter (itself when it has none)."""
+        return self if self.lora is None else replace(self, lora=None)
 
     @property
     def is_local(self) -> bool:
@@ -125,7 +134,7 @@ class ModelReference:
 def parse_model_reference(text: str, *, allow_lora: bool = False) -> ModelReference:
     """Parse a mergekit model reference: ``org/name``, ``org/name@revision``, or a local path
     (``./x``, ``/abs``, ``~/x``, or any path that exists; an existing path always wins over
-    a hub id). ``base+lora`` is a ConfigError saying adapters are not supported yet unless
+    a hub id). ``base+lora`` is a ConfigError saying adapters are not accepted here unless
     `allow_lora` (then the adapter is kept in ``lora``).
 
     A path that looks local (starts with ``/``, ``~``, ``./`` or ``../``, or has more than
@@ -142,7 +151,7 @@ def parse_model_reference(text: str, *, allow_lora: bool = False) -> ModelRefere
         >>> parse_model_reference("org/base+org/adapter")
         Traceback (most recent call last):
         ...
-        fastmerge.engine.errors.ConfigError: org/base+org/adapter: LoRA ... not supported yet; ...
+        fastmerge.engine.errors.ConfigError: org/base+org/adapter: LoRA ... not accepted here; ...
     """
     if not isinstance(text, str):
         raise ConfigError(f"a model reference must be a string, got {type(text).__name__}")
@@ -161,7 +170,7 @@ def parse_model_reference(text: str, *, allow_lora: bool = False) -> ModelRefere
             local = any(map(_looks_local, parts))
             missing = f"; no local path '{spec}' exists either" if local else ""
             raise ConfigError(
-                f"{spec}: LoRA adapters (MODEL+LORA) are not supported yet; merge the adapter "
+                f"{spec}: LoRA adapters (MODEL+LORA) are not accepted here; merge the adapter "
                 f"into its base model first and reference the result{missing}"
             )
         return replace(_parse_one(parts[0]), lora=_parse_one(parts[1]))
@@ -187,7 +196,7 @@ def resolve_model(
     `include_bin`. With `require_weights`, a snapshot without weights is an error.
 
     Raises:
-        ConfigError: a bad reference, or a ``base+lora`` one (not supported yet).
+        ConfigError: a bad reference, or a ``base+lora`` one (resolve its two parts).
         CheckpointError: a one-line message naming the reference and what to do: a local
             path that does not exist, a repo not in the cache while offline, an unknown or
             gated repo or revision, the Hub unreachable, a snapshot without weights.
@@ -210,8 +219,8 @@ def resolve_model(
         )
     if ref.lora is not None:
         raise ConfigError(
-            f"{ref}: LoRA adapters (MODEL+LORA) are not supported yet; merge the adapter into "
-            "its base model first and reference the result"
+            f"{ref}: a MODEL+LORA reference names two directories; resolve the model "
+            f"({ref.model}) and the adapter ({ref.lora}) one at a time"
         )
     if ref.path is not None:
         if not ref.path.exists():

@@ -58,18 +58,47 @@ PathLike = Union[str, "os.PathLike[str]"]
 def resolve_models(cfg: MergeConfig, allow_pickle: bool = False) -> list[Path]:
     """The local directory or file of every model of `cfg` (``cfg.all_models()`` order):
     paths as they are, Hugging Face ids (``org/name@revision``) from the hub cache
-    (downloaded when online)."""
-    from .hub import resolve_model
+    (downloaded when online). For a ``base+adapter`` reference, the base's."""
+    return resolve_inputs(cfg, allow_pickle)[0]
 
-    paths = []
+
+def resolve_inputs(cfg: MergeConfig, allow_pickle: bool = False
+                   ) -> tuple[list[Path], list[Optional[Path]]]:  # fmt: skip
+    """:func:`resolve_models`, and beside each model the directory of its LoRA adapter
+    (``model: base+adapter``, as mergekit writes it) or None."""
+    from .hub import parse_model_reference, resolve_model
+
+    paths: list[Path] = []
+    adapters: list[Optional[Path]] = []
     for ref in cfg.all_models():
         try:
-            paths.append(resolve_model(str(ref), include_bin=allow_pickle))
+            parsed = parse_model_reference(str(ref), allow_lora=True)
+            paths.append(resolve_model(parsed.model, include_bin=allow_pickle))
+            adapters.append(None if parsed.lora is None else resolve_model(parsed.lora))
         except (CheckpointError, ConfigError) as exc:
             text = " ".join(str(exc).split())
             text = text if len(text) <= 600 else text[:597] + "..."
             raise type(exc)(f"{cfg.source}: {_model_key(cfg, ref)}: {text}") from None
-    return paths
+    return paths, adapters
+
+
+def _with_adapters(cfg: MergeConfig, checkpoints: list, adapters: list[Optional[Path]]
+                   ) -> list:  # fmt: skip
+    """Each checkpoint with its LoRA adapter (if any) merged into it as tensors are read."""
+    if all(a is None for a in adapters):
+        return checkpoints
+    from ..lora import adapt_checkpoint
+
+    out = []
+    for ref, ckpt, adapter in zip(cfg.all_models(), checkpoints, adapters):
+        if adapter is not None:
+            try:
+                ckpt = adapt_checkpoint(ckpt, adapter, f"base model {ckpt.path}")
+            except CheckpointError as exc:
+                text = " ".join(str(exc).split())
+                raise type(exc)(f"{cfg.source}: {_model_key(cfg, ref)}: {text}") from None
+        out.append(ckpt)
+    return out
 
 
 def _model_key(cfg: MergeConfig, ref: Path) -> str:
@@ -106,9 +135,10 @@ def plan(config: Union[MergeConfig, PathLike], *, allow_pickle: bool = False,
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     if not cfg.method_info.streams:
         raise ConfigError(f"{cfg.source}: merge_method {cfg.method} has no per-tensor plan")
-    paths = resolve_models(cfg, allow_pickle)
+    paths, adapters = resolve_inputs(cfg, allow_pickle)
     checkpoints = open_models(paths, allow_pickle, same_keys=False)
     try:
+        checkpoints = _with_adapters(cfg, checkpoints, adapters)
         merge_plan = plan_merge(cfg, paths, checkpoints)
         _plan_vocabulary(merge_plan, trust_remote_code)
     except BaseException:
@@ -293,8 +323,8 @@ def check_device(device: str) -> torch.device:
 
 
 def check_not_an_input(out_dir: PathLike, cfg: MergeConfig) -> None:
-    """Refuse an output directory that is an input model, or holds one (``--overwrite``
-    would replace the input).
+    """Refuse an output directory that is an input model (or either part of a
+    ``base+adapter`` one), or holds one (``--overwrite`` would replace the input).
 
     Example:
         >>> import tempfile
@@ -308,14 +338,17 @@ def check_not_an_input(out_dir: PathLike, cfg: MergeConfig) -> None:
     out = Path(out_dir).resolve()
     for ref in cfg.all_models():
         path = Path(str(ref)).expanduser()
-        if not path.exists():
-            continue  # a hub id: its files are in the hub's cache
-        path = path.resolve()
-        if path == out or out in path.parents:
-            raise ConfigError(
-                f"--out {out_dir}: is (or holds) the input model {ref}; choose another "
-                "output directory"
-            )
+        parts = [path] if path.exists() else [Path(p.strip()).expanduser()
+                                              for p in str(ref).split("+")]  # fmt: skip
+        for path in parts:
+            if not path.exists():
+                continue  # a hub id: its files are in the hub's cache
+            path = path.resolve()
+            if path == out or out in path.parents:
+                raise ConfigError(
+                    f"--out {out_dir}: is (or holds) the input model {ref}; choose another "
+                    "output directory"
+                )
 
 
 def _set_threads(threads: int) -> None:
