@@ -83,6 +83,7 @@ def test_the_key_selector_takes_regexes_lists_and_callables():
     big = select(include=lambda key, tensor: tensor is not None and tensor.numel() > 2)
     assert big("w", torch.zeros(3)) and not big("w", torch.zeros(2)) and not big("w")
     assert select(None, None)("anything") and select([], [])("anything")
+    assert select({"^a"})("ab") and not select(("^a",))("ba")  # any collection of regexes
     with pytest.raises(TypeError, match="exclude"):
         select(None, 3)
     with pytest.raises(ValueError, match="include pattern"):
@@ -113,4 +114,6 @@ def test_twin_merging_selects_as_before():
     assert set(merger(include=r"^a\.").factors) == {"a.weight"}
     assert set(merger(exclude=lambda key, tensor: key.startswith("a")).factors) == {"b.weight"}
     assert merger(include=[]).factors == {}  # an empty include list selects nothing here
+    assert merger(include=set()).factors == {}
+    assert set(merger(include=(r"^b",)).factors) == {"b.weight"}
     assert inspect.signature(fastmerge.merge.key_selector).parameters["include"].default is None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Callable, Optional, Union
 
 import torch
@@ -67,7 +67,7 @@ def _key_filter(spec: KeyFilter, name: str) -> Optional[KeySelector]:
         return None
     if callable(spec):
         return lambda key, tensor: bool(spec(key, tensor))
-    if not isinstance(spec, (str, Sequence)):
+    if not isinstance(spec, (str, Iterable)):
         raise TypeError(
             f"{name} must be a regex string, a list of them or a callable, got {spec!r}"
         )

@@ -15,7 +15,7 @@ What the shared expert misses of task t, ``Delta_t = theta_t - theta_s``, is kep
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -184,7 +184,7 @@ class TwinMerger:
         )
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.dense_deltas: dict[str, torch.Tensor] = {}
-        if isinstance(include, Sequence) and not isinstance(include, str) and not include:
+        if isinstance(include, Collection) and not isinstance(include, str) and not include:
             include = _nothing  # here an empty include list selects no key, as it always did
         selected = key_selector(include, exclude)
         for key in _progress(list(base_sd), progress, "twin: factoring deltas"):
