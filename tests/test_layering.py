@@ -1,7 +1,8 @@
-"""Layering: no import cycles between fastmerge's modules.
+"""Layering: no import goes upward, and no import cycles between fastmerge's modules.
 
-A module may only import modules below it (docs: DESIGN.md, "data flows down, never up"),
-so the import graph of the installed package must be acyclic. The graph is built from
+A module may only import modules of its own layer or below it; the layers are declared
+once, in the table of docs/design.md ("Layers"), which :func:`declared_layers` reads. The
+import graph of the installed package must also be acyclic. The graph is built from
 the source with ``ast``, counting every ``import`` and ``from ... import`` anywhere in a
 file: at the top, inside functions (lazy imports are imports too) and under
 ``TYPE_CHECKING``. The rules:
@@ -18,12 +19,15 @@ file: at the top, inside functions (lazy imports are imports too) and under
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Optional
 
 import fastmerge
 
 PACKAGE_DIR = Path(fastmerge.__file__).resolve().parent
+DESIGN_PAGE = Path(__file__).resolve().parent.parent / "docs" / "design.md"
 
 
 def module_files(package_dir: Path) -> dict[str, Path]:
@@ -173,6 +177,59 @@ def describe(cycle: list[str], edges: dict[str, dict[str, list[int]]], files: di
     return " -> ".join(steps)
 
 
+# ---- the declared layers ---------------------------------------------------------------
+
+
+def declared_layers(page: Path = DESIGN_PAGE) -> dict[str, int]:
+    """``{module or package: layer number}`` from the layer table of `page`: the table after
+    the ``<!-- layers`` marker, rows ``| <n> <name> | `mod`, `mod` | ... |``."""
+    text = page.read_text()
+    marker = text.find("<!-- layers")
+    assert marker >= 0, f"{page} has no '<!-- layers' table"
+    layers: dict[str, int] = {}
+    started = False
+    for line in text[marker:].splitlines()[1:]:
+        if not line.startswith("|"):
+            if started:
+                break
+            continue
+        started = True
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        number = re.match(r"(\d+)\b", cells[0])
+        if number is None:
+            continue  # the header and the |---| row
+        for name in re.findall(r"`([\w.]+)`", cells[1]):
+            assert name not in layers, f"{name} is in two layers of {page.name}"
+            layers[name] = int(number.group(1))
+    assert layers, f"{page} has an empty layer table"
+    return layers
+
+
+def layer_of(module: str, layers: dict[str, int]) -> Optional[int]:
+    """The layer of the longest entry of `layers` that is `module` or a package above it
+    (the root package's entry covers only the root's own ``__init__``)."""
+    root = module.split(".")[0]
+    for name in [module, *_parents(module)]:
+        if name in layers and (name == module or name != root):
+            return layers[name]
+    return None
+
+
+def upward_imports(
+    edges: dict[str, dict[str, list[int]]], layers: dict[str, int]
+) -> tuple[list[tuple[str, str, list[int]]], list[str]]:
+    """``([(importer, imported, lines)] that go to a higher layer, [modules in no layer])``."""
+    unplaced = sorted(m for m in edges if layer_of(m, layers) is None)
+    upward = []
+    for importer in sorted(edges):
+        low = layer_of(importer, layers)
+        for imported, lines in sorted(edges[importer].items()):
+            high = layer_of(imported, layers)
+            if low is not None and high is not None and high > low:
+                upward.append((importer, imported, sorted(set(lines))))
+    return upward, unplaced
+
+
 # ---- the rules, on small packages --------------------------------------------------------
 
 
@@ -263,3 +320,46 @@ def test_fastmerge_has_no_import_cycles():
     assert not report, "import cycles (a module may only import modules below it):\n" + (
         "\n".join(report)
     )
+
+
+def test_an_upward_import_is_reported_even_when_lazy(tmp_path):
+    root = _package(
+        tmp_path,
+        {
+            "__init__.py": "from . import low\n",
+            "low.py": "def f():\n    from .high import g\n",
+            "high.py": "from .low import f\n",
+            "side.py": "from .low import f\n",
+        },
+    )
+    layers = {"pkg": 3, "pkg.high": 2, "pkg.low": 1}
+    upward, unplaced = upward_imports(import_edges(root), layers)
+    assert upward == [("pkg.low", "pkg.high", [2])]
+    assert unplaced == ["pkg.side"]
+    assert layer_of("pkg.high.sub", layers) == 2 and layer_of("pkg.other", layers) is None
+
+
+def test_the_layer_table_is_read_from_the_design_page(tmp_path):
+    page = tmp_path / "design.md"
+    page.write_text(
+        "text\n<!-- layers -->\n| layer | modules | what |\n|---|---|---|\n"
+        "| 2 top | `pkg` | api |\n| 1 core | `pkg.a`, `pkg.b` | x |\n\nafter `pkg.c`\n"
+    )
+    assert declared_layers(page) == {"pkg": 2, "pkg.a": 1, "pkg.b": 1}
+    layers = declared_layers()
+    assert layers["fastmerge.cli"] > layers["fastmerge.engine"] > layers["fastmerge"]
+    assert layers["fastmerge"] > layers["fastmerge.wsa"] > layers["fastmerge.ops"]
+
+
+def test_fastmerge_imports_only_downward():
+    files = module_files(PACKAGE_DIR)
+    upward, unplaced = upward_imports(import_edges(PACKAGE_DIR), declared_layers())
+    assert not unplaced, (
+        "modules in no layer: add them to the layer table of docs/design.md: " + ", ".join(unplaced)
+    )
+    report = [
+        f"{a} ({files[a].relative_to(PACKAGE_DIR.parent)}:{','.join(map(str, lines))}) imports "
+        f"{b}, which is in a higher layer (docs/design.md, Layers)"
+        for a, b, lines in upward
+    ]
+    assert not report, "upward imports:\n" + "\n".join(report)

@@ -1,6 +1,7 @@
 """fastmerge: fast, exact model-merging primitives and merging methods.
 
-Primitives (each with reference, cpu, cuda and triton backends):
+Every op is in :mod:`fastmerge.ops`; the ones used daily (``fastmerge.ops.TOP_LEVEL``)
+are re-exported here. Primitives (each with reference, cpu, cuda and triton backends):
 
 * :func:`scope_stats` — fused per-tensor mean/std/count over a list of tensors.
 * :func:`wsa_penalty` — the Weight Scope Alignment penalty with a fused backward.
@@ -18,12 +19,14 @@ Example:
 
 from __future__ import annotations
 
-from . import backends, cli, dist, merge, ops, pleas, twin, wsa  # noqa: F401  (cli: `fastmerge.cli.main`)
+from typing import Any
+
+from . import backends, dist, merge, ops, pleas, twin, wsa
 from ._version import __version__
 from .backends import BackendUnavailableError
 from .features import FeatureStats
 from .least_squares import LeastSquares, ridge_solve
-from .ops import linear_assignment, lowrank_mixture, merge_lowrank, scope_stats
+from .ops import linear_assignment, lowrank_mixture, merge_lowrank, scope_stats  # ops.TOP_LEVEL
 from .stats import ScopeStats
 from .wsa import wsa_penalty
 
@@ -48,6 +51,15 @@ def get_num_threads() -> int:
         True
     """
     return int(backends.cpu_extension().get_num_threads())
+
+
+def __getattr__(name: str) -> Any:
+    """``fastmerge.cli`` on first use: the library does not import its own command line."""
+    if name == "cli":
+        import importlib
+
+        return importlib.import_module(".cli", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -105,6 +107,22 @@ def test_regularizer_value_and_training_pulls_scope_to_target():
     # The module is not re-registered: only the target buffers are state.
     assert set(reg.state_dict()) == {"target_mean", "target_std"}
     assert list(reg.parameters()) == []
+
+
+def test_regularizer_default_strength_is_the_studied_one_and_warns():
+    model = _model()
+    params = [model[0].weight, model[4].weight, model[6].weight]
+    target = (0.0, 0.01)
+    with pytest.warns(FutureWarning, match=r"default strength is now 0\.01 \(it was 1\.0"):
+        reg = WeightScopeRegularizer(model, target)
+    assert reg.strength == fastmerge.wsa.regularizer.DEFAULT_STRENGTH == 0.01
+    torch.testing.assert_close(reg(), 0.01 * fastmerge.wsa_penalty(params, target))
+    with pytest.warns(FutureWarning):
+        assert WeightScopeRegularizer(model).strength == 0.01  # target "init", as before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert WeightScopeRegularizer(model, target, strength=1.0).strength == 1.0
+        assert WeightScopeRegularizer(model, target, 0.01).strength == 0.01
 
 
 def test_regularizer_init_target_starts_at_zero():

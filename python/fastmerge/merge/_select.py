@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Callable, Optional, Union
 
 import torch
 
 StateDict = Mapping[str, torch.Tensor]
 Patterns = Optional[Union[str, Sequence[str]]]
+#: A key filter: a regular expression (``re.search``), a list of them, a callable
+#: ``(key, tensor) -> bool``, or None (no filter).
+KeyFilter = Union[Patterns, Callable[[str, Optional[torch.Tensor]], bool]]
+#: What :func:`key_selector` returns: ``selected(key, tensor=None) -> bool``.
+KeySelector = Callable[..., bool]
 
 
 def compile_patterns(patterns: Patterns, name: str) -> list[re.Pattern]:
@@ -28,24 +33,48 @@ def compile_patterns(patterns: Patterns, name: str) -> list[re.Pattern]:
     return compiled
 
 
-def key_selector(include: Patterns = None, exclude: Patterns = None) -> Callable[[str], bool]:
-    """A predicate on keys: True when the key matches (``re.search``) one of `include`
-    (every key when `include` is None) and none of `exclude`.
+def key_selector(include: KeyFilter = None, exclude: KeyFilter = None) -> KeySelector:
+    """fastmerge's one key selector: a predicate ``selected(key, tensor=None)`` that is True
+    when `include` selects the key (every key when `include` is None or an empty list) and
+    `exclude` does not. Strings are regular expressions searched in the key (``re.search``);
+    a list selects a key that one of them matches; a callable gets ``(key, tensor)``
+    (``tensor`` is None when the caller passes only the key).
+
+    Used by every static merge, the ``fastmerge merge`` engine and Twin-Merging.
 
     Example:
         >>> from fastmerge.merge import key_selector
         >>> selected = key_selector(include=r"\\.weight$", exclude=["^embed"])
         >>> [selected(k) for k in ("fc.weight", "fc.bias", "embed.weight")]
         [True, False, False]
+        >>> big = key_selector(lambda key, tensor: tensor.numel() > 2)
+        >>> big("w", torch.zeros(3)), big("b", torch.zeros(2))
+        (True, False)
     """
-    inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
+    inc, exc = _key_filter(include, "include"), _key_filter(exclude, "exclude")
 
-    def selected(key: str) -> bool:
-        if inc and not any(p.search(key) for p in inc):
+    def selected(key: str, tensor: Optional[torch.Tensor] = None) -> bool:
+        if inc is not None and not inc(key, tensor):
             return False
-        return not any(p.search(key) for p in exc)
+        return exc is None or not exc(key, tensor)
 
     return selected
+
+
+def _key_filter(spec: KeyFilter, name: str) -> Optional[KeySelector]:
+    """`spec` as a ``(key, tensor) -> bool`` predicate; None for no filter (None or [])."""
+    if spec is None:
+        return None
+    if callable(spec):
+        return lambda key, tensor: bool(spec(key, tensor))
+    if not isinstance(spec, (str, Iterable)):
+        raise TypeError(
+            f"{name} must be a regex string, a list of them or a callable, got {spec!r}"
+        )
+    regexes = compile_patterns(spec, name)
+    if not regexes:
+        return None
+    return lambda key, tensor: any(r.search(key) for r in regexes)
 
 
 def mergeable(tensor: torch.Tensor) -> bool:
@@ -117,7 +146,7 @@ def merge_selected(
     merged = {}
     for key in keys:
         b = base[key]
-        if selected(key) and mergeable(b):
+        if selected(key, b) and mergeable(b):
             merged[key] = merge_key(key, b, load_key(key, b, experts, "experts"))
         else:
             merged[key] = b.clone()

@@ -118,7 +118,7 @@ def generalized_task_arithmetic(
     merged = {}
     for key in keys:
         b = base[key]
-        if not (selected(key) and mergeable(b)):
+        if not (selected(key, b) and mergeable(b)):
             merged[key] = b.clone()
             continue
         merged[key] = merger.merge(key, b, load_key(key, b, experts, "experts"))

@@ -70,7 +70,7 @@ def average(
     merged = {}
     for key in keys:
         ref = first[key]
-        if not (selected(key) and mergeable(ref)):
+        if not (selected(key, ref) and mergeable(ref)):
             merged[key] = ref.clone()
             continue
         tensors = [ref, *load_key(key, ref, models[1:], "models")]
@@ -200,7 +200,7 @@ def task_vectors(
     vectors: list[dict[str, torch.Tensor]] = [{} for _ in experts]
     for key in keys:
         b = base[key]
-        if not (selected(key) and mergeable(b)):
+        if not (selected(key, b) and mergeable(b)):
             continue
         tensors = load_key(key, b, experts, "experts")
         dtype = compute_dtype([b, *tensors])

@@ -23,7 +23,10 @@ Example:
     torch.Size([3, 2])
 """
 
-from .merger import TwinMerger, TwinSizes, key_selector, load_twin, save_twin
+import warnings
+from typing import Any
+
+from .merger import TwinMerger, TwinSizes, load_twin, save_twin
 from .model import GateContext, RoutedLinear, TwinModel
 from .router import (
     Router,
@@ -48,7 +51,6 @@ __all__ = [
     "default_features",
     "fit_router",
     "gates_from_logits",
-    "key_selector",
     "load_router",
     "load_twin",
     "mean_pool",
@@ -56,3 +58,19 @@ __all__ = [
     "save_twin",
     "truncated_svd",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``fastmerge.twin.key_selector``: deprecated, fastmerge's one key selector is
+    :func:`fastmerge.merge.key_selector` (the same function)."""
+    if name == "key_selector":
+        warnings.warn(
+            "fastmerge.twin.key_selector is deprecated; use fastmerge.merge.key_selector "
+            "(the same function: regexes, lists or a callable (key, tensor) -> bool)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from ..merge import key_selector
+
+        return key_selector
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,22 +15,19 @@ What the shared expert misses of task t, ``Delta_t = theta_t - theta_s``, is kep
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
-from ..merge._select import compile_patterns
+from ..merge._select import KeyFilter, key_selector
 from . import io
 from .router import Router
 from .svd import Rank, check_rank, resolve_rank, truncated_svd
 
 StateDict = Mapping[str, torch.Tensor]
-#: A key filter: a regular expression (``re.search``), a list of them, or a callable
-#: ``(key, tensor) -> bool``.
-KeyFilter = Union[str, Sequence[str], Callable[[str, torch.Tensor], bool], None]
 SharedMerge = Union[str, Callable[..., Mapping[str, torch.Tensor]]]
 
 
@@ -77,30 +74,8 @@ def as_state_dict(model: Union[nn.Module, StateDict], name: str) -> dict[str, to
     return out
 
 
-def key_selector(include: KeyFilter, exclude: KeyFilter) -> Callable[[str, torch.Tensor], bool]:
-    """A predicate over ``(key, tensor)``: True when `include` selects the key (every key
-    when None) and `exclude` does not. Strings are regular expressions searched in the key
-    (``re.search``, as in :mod:`fastmerge.merge`); a callable gets ``(key, tensor)``.
-
-    Example:
-        >>> sel = key_selector(None, r"embeddings")
-        >>> sel("encoder.0.weight", None), sel("embeddings.word.weight", None)
-        (True, False)
-    """
-    inc = _predicate(include, "include", default=True)
-    exc = _predicate(exclude, "exclude", default=False)
-    return lambda key, tensor: inc(key, tensor) and not exc(key, tensor)
-
-
-def _predicate(spec: KeyFilter, name: str, default: bool) -> Callable[[str, Any], bool]:
-    if spec is None:
-        return lambda key, tensor: default
-    if callable(spec):
-        return lambda key, tensor: bool(spec(key, tensor))
-    if not isinstance(spec, str) and not all(isinstance(p, str) for p in spec):
-        raise TypeError(f"{name} must be a regex, a list of regexes or a callable, got {spec!r}")
-    regexes = compile_patterns(spec, name)
-    return lambda key, tensor: any(r.search(key) for r in regexes)
+def _nothing(key: str, tensor: Optional[torch.Tensor]) -> bool:
+    return False
 
 
 SHARED_METHODS = ("task_arithmetic", "ties", "dare", "average")
@@ -209,6 +184,8 @@ class TwinMerger:
         )
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.dense_deltas: dict[str, torch.Tensor] = {}
+        if isinstance(include, Collection) and not isinstance(include, str) and not include:
+            include = _nothing  # here an empty include list selects no key, as it always did
         selected = key_selector(include, exclude)
         for key in _progress(list(base_sd), progress, "twin: factoring deltas"):
             self._compress(key, [e[key] for e in expert_sds], selected, svd, seed)

@@ -41,7 +41,8 @@ import torch
 from ... import merge as merge_methods
 from ...io import Checkpoint, CheckpointError, ShardedWriter
 from ...io.writer import check_output_dir
-from ...twin.merger import SHARED_METHODS, TwinMerger, key_selector
+from ...merge import key_selector
+from ...twin.merger import SHARED_METHODS, TwinMerger
 from ...twin.svd import METHODS as SVD_METHODS
 from ...twin.svd import check_rank
 from ..config import (
