@@ -35,6 +35,8 @@ MODULES = [
     "fastmerge.merge.static",
     "fastmerge.merge.ties",
     "fastmerge.merge.generalized",
+    "fastmerge.merge.regmean",
+    "fastmerge.merge.fisher",
     "fastmerge.io",
     "fastmerge.io.safetensors",
     "fastmerge.io.checkpoint",
