@@ -55,6 +55,7 @@ from torch import nn
 from .. import dist
 from ..least_squares import LeastSquares, ridge_solve
 from . import _data
+from ._inputs import collect_inputs, forward_order
 from ._select import Patterns, key_selector
 
 __all__ = ["RegMeanStatistics", "regmean", "regmean_from_statistics", "regmean_statistics"]
@@ -64,11 +65,6 @@ DEFAULT_ALPHA = 0.9
 #: The ridge (relative to trace/d) a layer whose Gram matrix is singular is solved with.
 FALLBACK_RIDGE = 1e-4
 BIAS_MODES = ("average", "solve")
-#: Input rows buffered per layer before a GEMM: at most this many, and all layers' buffers
-#: together at most BUFFER_ELEMENTS values (fewer than MIN_BUFFER_ROWS: no buffering).
-MAX_BUFFER_ROWS = 4096
-MIN_BUFFER_ROWS = 256
-BUFFER_ELEMENTS = 1 << 25
 _KIND = dist.kind_code("RegMeanStatistics")
 
 
@@ -189,36 +185,6 @@ class RegMeanStatistics:
 # ---- collecting the statistics ----------------------------------------------------------
 
 
-class _Rows:
-    """Buffers one layer's input rows into blocks for the accumulator's GEMMs."""
-
-    def __init__(self, ls: LeastSquares, rows: int) -> None:
-        self.ls, self.rows, self.fill = ls, rows, 0
-        self.buf: Optional[torch.Tensor] = None
-        self.zeros: Optional[torch.Tensor] = None
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
-        n = x.shape[0]
-        if n >= self.rows:
-            self.flush()
-            self.ls.update(x, x.new_zeros(n, 1))  # the target is unused: d_out = 1, zeros
-            return
-        if self.buf is None or self.buf.dtype != x.dtype or self.buf.device != x.device:
-            self.flush()
-            self.buf = torch.empty(self.rows, x.shape[1], dtype=x.dtype, device=x.device)
-            self.zeros = torch.zeros(self.rows, 1, dtype=x.dtype, device=x.device)
-        if self.fill + n > self.rows:
-            self.flush()
-        self.buf[self.fill : self.fill + n].copy_(x)
-        self.fill += n
-
-    def flush(self) -> None:
-        if self.fill:
-            self.ls.update(self.buf[: self.fill], self.zeros[: self.fill])
-            self.fill = 0
-
-
 def _linear_layers(model: nn.Module, include: Patterns, exclude: Patterns) -> dict[str, nn.Linear]:
     selected = key_selector(include, exclude)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and selected(n)}
@@ -228,73 +194,6 @@ def _linear_layers(model: nn.Module, include: Patterns, exclude: Patterns) -> di
             f"(include={include!r}, exclude={exclude!r})"
         )
     return layers
-
-
-def _collect(
-    model: nn.Module,
-    layers: Mapping[str, nn.Linear],
-    data: Iterable[Any],
-    bias: str,
-    stop_at: Optional[str] = None,
-) -> tuple[dict[str, LeastSquares], list[str], int]:
-    """Feed the inputs of `layers` on `data` into accumulators; returns them, the layers'
-    calls on the first batch in order, and the number of batches. The forward stops at
-    `stop_at` once its input is taken (a layer called once per forward); by default, after
-    the first batch, at the last layer of the first batch when every layer ran exactly once
-    in it (the layers after it are not run)."""
-    accs = {n: LeastSquares(m.in_features, 1, bias=bias == "solve" and m.bias is not None)
-            for n, m in layers.items()}  # fmt: skip
-    per_layer = BUFFER_ELEMENTS // max(1, sum(m.in_features for m in layers.values()))
-    rows = min(MAX_BUFFER_ROWS, per_layer)
-    buffers = {n: _Rows(acc, rows if rows >= MIN_BUFFER_ROWS else 0) for n, acc in accs.items()}
-    order: list[str] = []
-    state = {"first": True, "stop": stop_at, "explicit": stop_at is not None}
-
-    def hook_for(name: str):
-        def hook(_module, args):
-            if not args or not isinstance(args[0], torch.Tensor):
-                raise TypeError(f"regmean: layer {name!r} was called without a tensor input")
-            buffers[name].add(args[0])
-            if state["first"]:
-                order.append(name)
-            if name == state["stop"] and (state["explicit"] or not state["first"]):
-                raise _data.StopForward
-
-        return hook
-
-    device = _data.device_of(model)
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers.items()]
-    flags = [(m, m.training) for m in model.modules()]
-    n = 0
-    try:
-        model.eval()
-        with torch.no_grad():
-            for batch in data:
-                inputs, _ = _data.split_batch(batch)
-                try:
-                    _data.call(model, _data.to_device(inputs, device))
-                except _data.StopForward:
-                    pass
-                if state["first"]:
-                    state["first"] = False
-                    once = len(order) == len(set(order)) == len(layers)
-                    if state["stop"] is None and once:
-                        state["stop"] = order[-1]
-                n += 1
-    finally:
-        for h in handles:
-            h.remove()
-        for m, flag in flags:
-            m.training = flag
-    for buf in buffers.values():
-        buf.flush()
-    return accs, order, n
-
-
-def _forward_order(order: list[str], layers: Iterable[str]) -> list[str]:
-    """The layers in the order they first ran, then those that did not run."""
-    seen = list(dict.fromkeys(order))
-    return seen + [n for n in layers if n not in seen]
 
 
 def _check_bias(bias: str) -> None:
@@ -348,8 +247,8 @@ def regmean_statistics(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = _linear_layers(model, include, exclude)
     batches = _data.limited(_data.reusable(data, "data"), max_batches)
-    accs, calls, _ = _collect(model, layers, batches, bias)
-    stats = RegMeanStatistics({n: accs[n] for n in _forward_order(calls, layers)}, bias)
+    accs, calls, _ = collect_inputs(model, layers, batches, bias)
+    stats = RegMeanStatistics({n: accs[n] for n in forward_order(calls, layers)}, bias)
     if dist.should_reduce(distributed):
         stats.all_reduce()
     _require_samples(stats, "the model")
@@ -538,12 +437,12 @@ def regmean(
     merged = _data.averaged_copy(models)
     layers = _linear_layers(merged, include, exclude)
     first = list(_data.limited(streams[0], 1))
-    _, calls, _ = _collect(merged, layers, first, bias)  # the forward's layer order
-    for name in _forward_order(calls, layers):
+    _, calls, _ = collect_inputs(merged, layers, first, bias)  # the forward's layer order
+    for name in forward_order(calls, layers):
         stop = name if calls.count(name) == 1 else None
         stats = []
         for i, d in enumerate(streams):
-            accs, _, _ = _collect(
+            accs, _, _ = collect_inputs(
                 merged, {name: layers[name]}, _data.limited(d, max_batches), bias, stop
             )
             s = RegMeanStatistics(accs, bias)
