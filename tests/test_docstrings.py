@@ -86,6 +86,7 @@ MODULES = [
     "fastmerge.bench.lowrank_mixture",
     "fastmerge.bench.ties",
     "fastmerge.bench.twin",
+    "fastmerge.bench.regmean",
     "fastmerge.twin",
     "fastmerge.twin.svd",
     "fastmerge.twin.merger",
