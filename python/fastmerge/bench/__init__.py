@@ -29,6 +29,7 @@ SUITES = (
     "lowrank_mixture",
     "ties",
     "twin",
+    "regmean",
 )
 
 
