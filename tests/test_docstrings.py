@@ -46,6 +46,7 @@ MODULES = [
     "fastmerge.pleas.allocation",
     "fastmerge.pleas.least_squares_stage",
     "fastmerge.pleas.merging",
+    "fastmerge.pleas.weight_matching",
     "fastmerge.wsa.penalty",
     "fastmerge.wsa.scope",
     "fastmerge.wsa.regularizer",

@@ -10,7 +10,8 @@ copy of a model's units without changing its function. :func:`match` (with
 layout, and :func:`allocate` (with :func:`layer_costs` and :func:`relative_flops`) picks
 per-group ratios for a relative-FLOPs budget. :func:`merge` builds the merged model
 (:func:`merge_weights`, :func:`solve_least_squares`, :func:`recompute_batchnorm`) with PLeaS
-or a baseline, and :class:`Ensemble` is the 2x reference.
+or a baseline, and :class:`Ensemble` is the 2x reference. :func:`weight_matching` (Git
+Re-Basin) matches the units from the weights alone, without data.
 
 Example:
     >>> import torch
@@ -34,6 +35,7 @@ from .groups import (
 from .least_squares_stage import LayerFit, recompute_batchnorm, solve_least_squares
 from .matching import GroupMatch, PartialLayout, collect_features, match, partial_layout
 from .merging import Ensemble, identity_layouts, layouts_for, merge, merge_weights
+from .weight_matching import WeightMatch, weight_matching
 
 __all__ = [
     "Axis",
@@ -47,6 +49,7 @@ __all__ = [
     "PermutationGroup",
     "PermutationSpec",
     "UntraceableModelError",
+    "WeightMatch",
     "allocate",
     "apply_permutation",
     "collect_features",
@@ -61,4 +64,5 @@ __all__ = [
     "recompute_batchnorm",
     "relative_flops",
     "solve_least_squares",
+    "weight_matching",
 ]
