@@ -271,3 +271,12 @@ def test_pleas_merge_permute_align_weights():
         fastmerge.pleas.merge(a, b, data, method="pleas", align="weights")
     with pytest.raises(ValueError, match="align must be"):
         fastmerge.pleas.merge(a, b, data, method="permute", align="data")
+
+
+def test_non_finite_weights_are_named():
+    a, _, spec = setup("mlp")
+    b = randomized(mlp, 1)
+    with torch.no_grad():
+        b[2].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="model_b's parameter '2.weight' has NaN"):
+        weight_matching(a, b, spec=spec)

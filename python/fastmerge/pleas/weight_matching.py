@@ -28,7 +28,7 @@ one, as in the reference).
 batched :func:`~fastmerge.linear_assignment` call per distinct size among them; the result
 is that of visiting them one after the other. The costs are kept between steps: a
 parameter's share of a group's cost is recomputed only when the permutation of one of its
-other axes changed, and when fewer than half of that axis's units moved it is updated by a
+other axes changed, and when fewer than two thirds of that axis's units moved it is updated by a
 GEMM over the moved units only (``C += A[:, moved] (B[:, new] - B[:, old])^T``). The cost
 matrices accumulate in float64; each GEMM runs in the weights' dtype (at least float32).
 
@@ -139,8 +139,14 @@ class _Term:
     first and its other permuted axes next, as (d, n_1, ..., rest) contiguous tensors."""
 
     def __init__(
-        self, a: torch.Tensor, b: torch.Tensor, dim: int, others: list[tuple[str, int]]
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        dim: int,
+        others: list[tuple[str, int]],
+        group: str = "",
     ) -> None:
+        self.group = group
         order = [dim] + [d for _, d in others]
         order += [d for d in range(a.dim()) if d not in order]
         shape = [a.shape[d] for d in order[: 1 + len(others)]] + [-1]
@@ -149,6 +155,11 @@ class _Term:
         self.groups = [g for g, _ in others]
         self.used: Optional[list[torch.Tensor]] = None
         self.value: Optional[torch.Tensor] = None
+
+    def current(self, perms: Mapping[str, torch.Tensor]) -> bool:
+        """Whether ``value`` is this term's cost at ``perms`` (permutation tensors are
+        replaced, never modified, so identity tells)."""
+        return self.used is not None and all(u is perms[g] for u, g in zip(self.used, self.groups))
 
     def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         n = a.shape[0]
@@ -161,14 +172,16 @@ class _Term:
             if len(cur) == 1:
                 moved = (cur[0] != self.used[0]).nonzero().squeeze(1)
                 if moved.numel() == 0:
+                    self.used = cur
                     return self.value
-                if 2 * moved.numel() < cur[0].numel():
+                if 3 * moved.numel() < 2 * cur[0].numel():
                     new = self.b.index_select(1, cur[0][moved])
                     old = self.b.index_select(1, self.used[0][moved])
                     self.value += self.gemm(self.a.index_select(1, moved), new - old)
                     self.used = cur
                     return self.value
             elif all(c is u or torch.equal(c, u) for c, u in zip(cur, self.used)):
+                self.used = cur
                 return self.value
         b = self.b
         for i, p in enumerate(cur):
@@ -194,13 +207,27 @@ def _check_perm(name: str, perm: Any, size: int, device: torch.device) -> torch.
 
 def _objective(
     params: Mapping[str, tuple[torch.Tensor, torch.Tensor, list[tuple[str, int]]]],
+    terms_of: Mapping[str, list[_Term]],
+    const: Mapping[str, torch.Tensor],
     perms: Mapping[str, torch.Tensor],
 ) -> float:
-    total = torch.zeros((), dtype=torch.float64)
-    for a, b, axes in params.values():
+    """``sum <W_a, W_b permuted>``: read off a term that is current where there is one
+    (``sum_j value[j, perm[j]]``), else by permuting the parameter."""
+    total = torch.zeros((), dtype=torch.float64, device=next(iter(perms.values())).device)
+    for g, c in const.items():
+        total += c.gather(1, perms[g].unsqueeze(1)).sum()
+    for name, (a, b, axes) in params.items():
+        if len(axes) == 1:
+            continue  # in const
+        term = next((t for t in terms_of[name] if t.current(perms)), None)
+        if term is not None:
+            total += term.value.gather(1, perms[term.group].unsqueeze(1)).sum()
+            continue
         for g, d in axes:
-            b = b.index_select(d, perms[g])
-        total += (a * b).sum().double().cpu()
+            p = perms[g]
+            if not torch.equal(p, torch.arange(p.numel(), device=p.device)):
+                b = b.index_select(d, p)
+        total += torch.dot(a.reshape(-1), b.reshape(-1)).double()
     return float(total)
 
 
@@ -278,6 +305,9 @@ def weight_matching(
     with torch.no_grad():
         for name, axes in axes_of.items():
             a = pa[name].detach()
+            for model, t in (("model_a", a), ("model_b", pb[name])):
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"{model}'s parameter {name!r} has NaN or infinite values")
             work = torch.promote_types(a.dtype, torch.float32)
             b = pb[name].detach().to(device=a.device, dtype=work)
             params[name] = (a.to(work), b, axes)
@@ -291,6 +321,7 @@ def weight_matching(
     # Per group: the constant share (parameters with no other permuted axis) and the terms.
     const: dict[str, torch.Tensor] = {}
     terms: dict[str, list[_Term]] = {g: [] for g in spec.groups}
+    terms_of: dict[str, list[_Term]] = {}
     tensors_of: dict[str, set[str]] = {g: set() for g in spec.groups}
     float64 = True
     with torch.no_grad():
@@ -298,9 +329,10 @@ def weight_matching(
             float64 = float64 and a.dtype == torch.float64
             for i, (g, d) in enumerate(axes):
                 tensors_of[g].add(name)
-                term = _Term(a, b, d, axes[:i] + axes[i + 1 :])
+                term = _Term(a, b, d, axes[:i] + axes[i + 1 :], g)
                 if term.groups:
                     terms[g].append(term)
+                    terms_of.setdefault(name, []).append(term)
                 else:
                     value = term.update(perms)
                     const[g] = const[g] + value if g in const else value
@@ -311,7 +343,7 @@ def weight_matching(
 
     names = list(spec.groups)
     gen = torch.Generator().manual_seed(int(seed))
-    objective = [_objective(params, perms)]
+    objective = [_objective(params, terms_of, const, perms)]
     improved: list[int] = []
     orders: list[tuple[str, ...]] = []
     converged = False
@@ -323,7 +355,7 @@ def weight_matching(
             for run in _independent_runs(order, tensors_of):
                 changed += _solve_run(run, spec, const, terms, perms, rtol)
             improved.append(changed)
-            objective.append(_objective(params, perms))
+            objective.append(_objective(params, terms_of, const, perms))
             if changed == 0:
                 converged = True
                 break
@@ -375,11 +407,17 @@ def _solve_run(
         by_size.setdefault(spec.groups[g].size, []).append(g)
     changed = 0
     for group_names in by_size.values():
-        batch = torch.stack([costs[g] for g in group_names])
-        if not torch.isfinite(batch).all():
-            bad = next(g for g in group_names if not torch.isfinite(costs[g]).all())
-            raise ValueError(f"the weight-matching cost of group {bad!r} is not finite")
-        _, cols = linear_assignment(batch, maximize=True)
+        if len(group_names) == 1:
+            batch = costs[group_names[0]].unsqueeze(0)
+        else:
+            batch = torch.stack([costs[g] for g in group_names])
+        try:
+            _, cols = linear_assignment(batch, maximize=True)
+        except ValueError as exc:
+            raise ValueError(
+                f"weight matching of group(s) {group_names}: {exc} (do the weights overflow "
+                f"float{torch.finfo(batch.dtype).bits} products?)"
+            ) from None
         cols = cols.to(batch.device)
         old = batch.gather(2, torch.stack([perms[g] for g in group_names]).unsqueeze(2)).sum((1, 2))
         new = batch.gather(2, cols.unsqueeze(2)).sum((1, 2))
