@@ -1,0 +1,251 @@
+"""Git Re-Basin quality on scikit-learn's bundled digits: the loss barrier between two models
+trained from different seeds, raw, after weight matching and after activation matching.
+
+Models, data and training are those of ``bench/quality/pleas_digits.py`` (its ``full``
+setting): ``mlp`` (64 -> 128 -> 128 -> 10) and ``resnet`` (a small ResNet with BatchNorm),
+Adam on the standardized 60 % training split, seeds ``1000 + 2 s`` and ``1001 + 2 s`` for
+s = 0, 1, 2. For each pair, ``fastmerge.wsa.interpolation_curve`` evaluates the test
+cross-entropy and accuracy at 11 evenly spaced alphas, BatchNorm statistics re-estimated on
+the training inputs at every alpha, along three paths:
+
+* ``raw``: model b as trained;
+* ``weights``: ``align="weights"``, b aligned by :func:`fastmerge.pleas.weight_matching`
+  (data-free; one batch only traces the model);
+* ``activations``: ``align="permute"``, b aligned by activation matching on the training
+  inputs.
+
+Reported: the loss barrier ``Curve.barrier("loss")`` (the highest loss on the path above the
+straight line between the end points) and the accuracy at alpha = 0.5, mean +- std over the
+seeds. Target: the weight-matching barrier at most 1/3 of the raw barrier.
+
+Run (a few minutes on 2 CPU cores; ``--quick``: 1 seed, few epochs, 5 alphas)::
+
+    python bench/quality/rebasin_digits.py [--quick]
+
+Writes ``bench/results/rebasin_digits.{json,md,png}`` (``rebasin_digits-quick.*`` with
+``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+import fastmerge
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE.parent / "results"
+SEEDS = (0, 1, 2)
+ARCHS = ("mlp", "resnet")
+PATHS = ("raw", "weights", "activations")
+ALIGN = {"raw": None, "weights": "weights", "activations": "permute"}
+ALPHAS = 11
+
+
+def _digits_module():
+    """bench/quality/pleas_digits.py: its data, models and training."""
+    spec = importlib.util.spec_from_file_location("pleas_digits", HERE / "pleas_digits.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+digits = _digits_module()
+
+
+def evaluator(x: torch.Tensor, y: torch.Tensor):
+    def evaluate(model):
+        out = model(x)
+        return {
+            "loss": float(F.cross_entropy(out, y)),
+            "accuracy": 100.0 * float((out.argmax(1) == y).double().mean()),
+        }
+
+    return evaluate
+
+
+def run_pair(arch: str, seed: int, data: dict, alphas: int) -> dict:
+    a, b = digits.train_pair("full", arch, seed, data)
+    train = digits.batches(data["train"][0])
+    evaluate = evaluator(*data["test"])
+    out = {}
+    for path in PATHS:
+        t = time.perf_counter()
+        curve = fastmerge.wsa.interpolation_curve(
+            a,
+            b,
+            evaluate,
+            alphas=alphas,
+            bn_data=train if arch == "resnet" else None,
+            align=ALIGN[path],
+            align_data=train,
+            progress=False,
+        )
+        out[path] = {
+            "loss_barrier": curve.barrier("loss"),
+            "mid_accuracy": curve.metrics["accuracy"][len(curve.alphas) // 2],
+            "curve": curve.to_dict(),
+            "seconds": time.perf_counter() - t,
+        }
+    # Not needed for the curve: how far the descent went.
+    wm = fastmerge.pleas.weight_matching(a, b, example_input=data["train"][0][:2])
+    out["weights"]["sweeps"] = wm.sweeps
+    out["weights"]["objective"] = list(wm.objective)
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(results: dict) -> dict:
+    summary = {}
+    for arch, recs in results.items():
+        cell = {}
+        for path in PATHS:
+            m, s = mean_std([r[path]["loss_barrier"] for r in recs])
+            am, asd = mean_std([r[path]["mid_accuracy"] for r in recs])
+            cell[path] = {
+                "barrier_mean": m,
+                "barrier_std": s,
+                "mid_acc_mean": am,
+                "mid_acc_std": asd,
+            }
+        ratios = [r["weights"]["loss_barrier"] / max(r["raw"]["loss_barrier"], 1e-12) for r in recs]
+        cell["weights_over_raw"] = statistics.fmean(ratios)
+        cell["target_met"] = cell["weights"]["barrier_mean"] <= cell["raw"]["barrier_mean"] / 3
+        summary[arch] = cell
+    return summary
+
+
+def table(summary: dict, n_seeds: int) -> str:
+    lines = [
+        f"| arch | path | loss barrier (mean +- std, {n_seeds} seeds) "
+        "| accuracy at alpha 0.5 (%) |",
+        "|---|---|---|---|",
+    ]
+    for arch, cell in summary.items():
+        for path in PATHS:
+            c = cell[path]
+            lines.append(
+                f"| {arch} | {path} | {c['barrier_mean']:.3f} +- {c['barrier_std']:.3f} | "
+                f"{c['mid_acc_mean']:.1f} +- {c['mid_acc_std']:.1f} |"
+            )
+    lines.append("")
+    for arch, cell in summary.items():
+        lines.append(
+            f"- {arch}: weight matching / raw barrier = {cell['weights_over_raw']:.3f} (mean of "
+            f"per-seed ratios); target <= 1/3 {'met' if cell['target_met'] else 'NOT met'}"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.5), squeeze=False)
+    for ax, (arch, recs) in zip(axes[0], results.items()):
+        for path_name, color in zip(PATHS, ("tab:red", "tab:blue", "tab:green")):
+            for i, r in enumerate(recs):
+                c = r[path_name]["curve"]
+                ax.plot(
+                    c["alphas"],
+                    c["metrics"]["loss"],
+                    color=color,
+                    alpha=0.8,
+                    label=path_name if i == 0 else None,
+                )
+        ax.set_title(f"{arch}: test loss on the path a -> b")
+        ax.set_xlabel("alpha")
+        ax.set_ylabel("cross-entropy")
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, 5 alphas")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    load_before = list(os.getloadavg())
+    seeds, alphas = (SEEDS[:1], 5) if args.quick else (SEEDS, ALPHAS)
+    if args.quick:
+        digits.EPOCHS = {"mlp": 3, "resnet": 2}
+    data = digits.load_data()
+    results: dict = {arch: [] for arch in ARCHS}
+    for arch in ARCHS:
+        for seed in seeds:
+            rec = run_pair(arch, seed, data, alphas)
+            results[arch].append(rec)
+            print(
+                f"{arch} seed {seed}: "
+                + ", ".join(f"{p} {rec[p]['loss_barrier']:.3f}" for p in PATHS),
+                flush=True,
+            )
+    summary = summarize(results)
+    stem = "rebasin_digits" + ("-quick" if args.quick else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "benchmark": "rebasin_digits",
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": args.threads,
+            "torch": torch.__version__,
+            "load_average_before": load_before,
+            "load_average_after": list(os.getloadavg()),
+        },
+        "seeds": list(seeds),
+        "epochs": digits.EPOCHS,
+        "alphas": alphas,
+        "summary": summary,
+        "results": results,
+        "seconds": time.perf_counter() - start,
+    }
+    write(args.out / f"{stem}.json", json.dumps(doc, indent=1) + "\n")
+    md = "\n".join(
+        [
+            "# Loss barriers on digits: raw, weight matching, activation matching",
+            "",
+            f"- {os.cpu_count()} CPUs, {args.threads} torch thread(s), torch {torch.__version__}; "
+            f"load average before {load_before}, after {doc['machine']['load_average_after']}",
+            f"- epochs {digits.EPOCHS}, {alphas} alphas, test split; {doc['seconds']:.0f} s",
+            "",
+            table(summary, len(seeds)),
+            "",
+        ]
+    )
+    write(args.out / f"{stem}.md", md)
+    plot(results, args.out / f"{stem}.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
