@@ -19,9 +19,12 @@ permutation is replaced when its cost rises by more than 1e-6 of the old one):
   axes, the other axes of b's parameter permuted (``np.take``), the axis moved to the front
   and flattened, ``cost += w_a @ w_b.T`` (numpy float32), then
   ``scipy.optimize.linear_sum_assignment(cost, maximize=True)``;
+* ``scipy-loop-torch``: the same loop with torch building the costs (``index_select``,
+  ``movedim``, torch's GEMM), scipy solving them;
 * ``rebasin`` (PyPI ``rebasin``, if installed and importable): its
   ``PermutationCoordinateDescent(a, b, x).rebasin()``; it finds its own groups and order,
-  so only its time is comparable.
+  so only its time is comparable; it takes minutes, so it runs in the first round only
+  (``--rebasin-rounds``: every round).
 
 Rounds alternate the peers (``--rounds``, default 3) and the medians are reported, with the
 final objective ``sum <W_a, W_b permuted>`` of each (must be equal, or fastmerge's higher).
