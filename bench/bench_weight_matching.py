@@ -240,7 +240,8 @@ def objective(a: nn.Module, b: nn.Module, spec: Any, perm: dict) -> float:
     total = 0.0
     for name, p in a.named_parameters():
         if name in names:
-            total += float(torch.dot(p.detach().double().ravel(), aligned[name].double().ravel()))
+            w = aligned[name].detach()
+            total += float(torch.dot(p.detach().double().ravel(), w.double().ravel()))
     return total
 
 
