@@ -288,7 +288,15 @@ def main() -> None:
         "--rebasin-rounds", action="store_true", help="time PyPI rebasin every round, not once"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for every peer (default: torch's); results get a -tN suffix",
+    )
     args = parser.parse_args()
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
     rounds = 1 if args.quick else args.rounds
     names = ("random",) if args.quick else ("random", "perturbed")
     load_before = list(os.getloadavg())
@@ -346,6 +354,7 @@ def main() -> None:
     doc = {"rounds": rounds, "seed": SEED, "machine": machine, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = STEM + ("-quick" if args.quick else "")
+    stem += f"-t{args.torch_threads}" if args.torch_threads is not None else ""
     tmp = args.out / f".{stem}.json.tmp"
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(args.out / f"{stem}.json")

@@ -30,7 +30,11 @@ is that of visiting them one after the other. The costs are kept between steps: 
 parameter's share of a group's cost is recomputed only when the permutation of one of its
 other axes changed, and when fewer than two thirds of that axis's units moved it is updated by a
 GEMM over the moved units only (``C += A[:, moved] (B[:, new] - B[:, old])^T``). The cost
-matrices accumulate in float64; each GEMM runs in the weights' dtype (at least float32).
+matrices accumulate in float64, in place in buffers kept between steps; each GEMM runs in
+the weights' dtype (at least float32; float64 only for float64 weights). Weights are not
+scanned for NaN or infinities up front (two passes over every parameter): a non-finite
+weight makes its costs non-finite, and only then are the group's parameters checked, to
+name it.
 
 **What the cost reads.** Only parameters: the BatchNorm running statistics (and any other
 buffer in a group) follow the permutation when it is applied
@@ -154,7 +158,8 @@ class _Term:
         self.b = b.permute(order).reshape(shape).contiguous()
         self.groups = [g for g, _ in others]
         self.used: Optional[list[torch.Tensor]] = None
-        self.value: Optional[torch.Tensor] = None
+        self.value: Optional[torch.Tensor] = None  # float64, updated in place
+        self._out: Optional[torch.Tensor] = None
 
     def current(self, perms: Mapping[str, torch.Tensor]) -> bool:
         """Whether ``value`` is this term's cost at ``perms`` (permutation tensors are
@@ -162,8 +167,19 @@ class _Term:
         return self.used is not None and all(u is perms[g] for u, g in zip(self.used, self.groups))
 
     def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a b^T`` over the flattened trailing axes, in the weights' dtype, into a buffer
+        reused between calls (fresh (d, d) results cost page faults on every step)."""
         n = a.shape[0]
-        return (a.reshape(n, -1) @ b.reshape(n, -1).T).double()
+        if self._out is None:
+            self._out = torch.empty(n, b.shape[0], dtype=a.dtype, device=a.device)
+        return torch.mm(a.reshape(n, -1), b.reshape(b.shape[0], -1).T, out=self._out)
+
+    def _set(self, product: torch.Tensor) -> torch.Tensor:
+        if self.value is None:
+            self.value = product.to(torch.float64, copy=True)
+        else:
+            self.value.copy_(product)
+        return self.value
 
     def update(self, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """This term's (d, d) cost at the current permutations of its other axes."""
@@ -177,7 +193,7 @@ class _Term:
                 if 3 * moved.numel() < 2 * cur[0].numel():
                     new = self.b.index_select(1, cur[0][moved])
                     old = self.b.index_select(1, self.used[0][moved])
-                    self.value += self.gemm(self.a.index_select(1, moved), new - old)
+                    self.value.add_(self.gemm(self.a.index_select(1, moved), new - old))
                     self.used = cur
                     return self.value
             elif all(c is u or torch.equal(c, u) for c, u in zip(cur, self.used)):
@@ -186,7 +202,7 @@ class _Term:
         b = self.b
         for i, p in enumerate(cur):
             b = b.index_select(1 + i, p)
-        self.value = self.gemm(self.a, b)
+        self._set(self.gemm(self.a, b))
         self.used = cur
         return self.value
 
@@ -305,9 +321,8 @@ def weight_matching(
     with torch.no_grad():
         for name, axes in axes_of.items():
             a = pa[name].detach()
-            for model, t in (("model_a", a), ("model_b", pb[name])):
-                if not torch.isfinite(t).all():
-                    raise ValueError(f"{model}'s parameter {name!r} has NaN or infinite values")
+            # Finiteness is checked on the (small) cost matrices: a NaN or infinity in a
+            # weight makes its terms' costs non-finite (see _check_finite).
             work = torch.promote_types(a.dtype, torch.float32)
             b = pb[name].detach().to(device=a.device, dtype=work)
             params[name] = (a.to(work), b, axes)
@@ -353,7 +368,7 @@ def weight_matching(
             orders.append(order)
             changed = 0
             for run in _independent_runs(order, tensors_of):
-                changed += _solve_run(run, spec, const, terms, perms, rtol)
+                changed += _solve_run(run, spec, const, terms, perms, rtol, params, tensors_of)
             improved.append(changed)
             objective.append(_objective(params, terms_of, const, perms))
             if changed == 0:
@@ -368,6 +383,21 @@ def weight_matching(
         orders=tuple(orders),
         spec=spec,
     )
+
+
+def _check_finite(
+    params: Mapping[str, tuple[torch.Tensor, torch.Tensor, list[tuple[str, int]]]],
+    tensors_of: Mapping[str, set[str]],
+    groups: list[str],
+) -> None:
+    """Name the first non-finite parameter among ``groups``' (a non-finite cost matrix's
+    cause); returns when they are all finite (the products overflowed)."""
+    names = set().union(*(tensors_of[g] for g in groups))
+    for name in (n for n in params if n in names):
+        a, b, _ = params[name]
+        for model, t in (("model_a", a), ("model_b", b)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{model}'s parameter {name!r} has NaN or infinite values")
 
 
 def _independent_runs(
@@ -393,14 +423,16 @@ def _solve_run(
     terms: Mapping[str, list[_Term]],
     perms: dict[str, torch.Tensor],
     rtol: float,
+    params: Mapping[str, tuple[torch.Tensor, torch.Tensor, list[tuple[str, int]]]],
+    tensors_of: Mapping[str, set[str]],
 ) -> int:
     """Solve a run of independent groups, one batched assignment per size; returns how
     many groups changed their permutation."""
     costs = {}
     for g in run:
-        c = const[g]
+        c = const[g].clone()
         for term in terms[g]:
-            c = c + term.update(perms)
+            c.add_(term.update(perms))
         costs[g] = c
     by_size: dict[int, list[str]] = {}
     for g in run:
@@ -414,6 +446,7 @@ def _solve_run(
         try:
             _, cols = linear_assignment(batch, maximize=True)
         except ValueError as exc:
+            _check_finite(params, tensors_of, group_names)
             raise ValueError(
                 f"weight matching of group(s) {group_names}: {exc} (do the weights overflow "
                 f"float{torch.finfo(batch.dtype).bits} products?)"
@@ -421,6 +454,12 @@ def _solve_run(
         cols = cols.to(batch.device)
         old = batch.gather(2, torch.stack([perms[g] for g in group_names]).unsqueeze(2)).sum((1, 2))
         new = batch.gather(2, cols.unsqueeze(2)).sum((1, 2))
+        if not torch.isfinite(new).all():  # -inf costs (forbidden pairs) in the choice
+            _check_finite(params, tensors_of, group_names)
+            raise ValueError(
+                f"weight matching of group(s) {group_names}: the cost matrices are not finite "
+                f"(do the weights overflow float{torch.finfo(batch.dtype).bits} products?)"
+            )
         for i, g in enumerate(group_names):
             o, n = float(old[i]), float(new[i])
             if n - o > rtol * max(abs(o), abs(n)):
