@@ -46,3 +46,15 @@ def test_quick_pairs_run_end_to_end(bench, tmp_path):
     assert "weight matching / raw barrier" in bench.table(summary, 1)
     bench.plot(results, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_wider_resnets(bench):
+    assert [bench.width(a) for a in ("mlp", "resnet", "resnet-x4")] == [0, 1, 4]
+    with pytest.raises(ValueError, match="unknown arch"):
+        bench.width("resnet-xx")
+    full = bench.digits.load_data()
+    data = {s: (full[s][0][:100], full[s][1][:100]) for s in ("train", "val", "test")}
+    a, b = bench.train_pair("resnet-x2", 0, data)
+    assert a.conv1.out_channels == 64 and a.fc.in_features == 128
+    assert not torch.equal(a.conv1.weight, b.conv1.weight)
+    assert bench.digits.build("resnet").conv1.out_channels == 32  # restored
