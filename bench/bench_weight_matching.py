@@ -274,10 +274,11 @@ def gemm_work(a: nn.Module, b: nn.Module, spec: Any, seed: int) -> dict:
     return {k: v / sweep for k, v in counts.items()}
 
 
-def timed(fn, *args) -> tuple[float, dict]:
-    t = time.perf_counter()
+def timed(fn, *args) -> tuple[float, float, dict]:
+    """Wall seconds, process CPU seconds (all threads) and the result of ``fn(*args)``."""
+    t, c = time.perf_counter(), time.process_time()
     out = fn(*args)
-    return time.perf_counter() - t, out
+    return time.perf_counter() - t, time.process_time() - c, out
 
 
 def main() -> None:
@@ -304,31 +305,46 @@ def main() -> None:
     for name in names:
         a, b, spec, x = workload(name)
         times: dict[str, list[float]] = {p: [] for p in PEERS}
+        cpu: dict[str, list[float]] = {p: [] for p in PEERS}
         results: dict[str, dict] = {}
         for r in range(rounds):
             for peer in PEERS:
                 if peer == "scipy-loop":
-                    t, out = timed(scipy_loop, a, b, spec, SEED)
+                    t, c, out = timed(scipy_loop, a, b, spec, SEED)
                 elif peer == "scipy-loop-torch":
-                    t, out = timed(scipy_loop_torch, a, b, spec, SEED)
+                    t, c, out = timed(scipy_loop_torch, a, b, spec, SEED)
                 elif peer == "fastmerge":
-                    t, out = timed(run_fastmerge, a, b, spec, SEED)
+                    t, c, out = timed(run_fastmerge, a, b, spec, SEED)
                 else:
                     if r > 0 and not args.rebasin_rounds:
                         continue  # minutes per run: once is enough to place it
-                    t, out = timed(run_rebasin, a, b, x)
+                    t, c, out = timed(run_rebasin, a, b, x)
                     if out is None:
                         continue
                 times[peer].append(t)
+                cpu[peer].append(c)
                 results[peer] = out
                 print(f"{name} round {r} {peer}: {t:.2f} s", file=sys.stderr, flush=True)
         med = {p: statistics.median(v) for p, v in times.items() if v}
+        med_cpu = {p: statistics.median(v) for p, v in cpu.items() if v}
         work = gemm_work(a, b, spec, SEED)
         row = {
             "workload": f"resnet18-cifar-{name}",
             "groups": len(spec.groups),
             "parameters": sum(p.numel() for p in a.parameters()),
             "median_s": med,
+            "median_cpu_s": med_cpu,
+            # Peers of one round run back to back: the median of the per-round ratios is
+            # less exposed to the load drifting between rounds than the ratio of medians.
+            "speedup_paired": {
+                p: statistics.median(t / f for t, f in zip(times[p], times["fastmerge"]))
+                for p in med
+                if p != "fastmerge"
+            },
+            "all_cpu_s": cpu,
+            "speedup_cpu": {
+                p: med_cpu[p] / med_cpu["fastmerge"] for p in med_cpu if p != "fastmerge"
+            },
             "all_times_s": times,
             "speedup": {p: med[p] / med["fastmerge"] for p in med if p != "fastmerge"},
             "objective": {
@@ -366,9 +382,9 @@ def main() -> None:
         f"- medians of {rounds} rounds, peers alternated in one run; same spec, group order "
         "and acceptance rule",
         "",
-        "| workload | peer | median (s) | fastmerge's speed-up | final objective | sweeps "
-        "| same permutations as fastmerge |",
-        "|---|---|---|---|---|---|---|",
+        "| workload | peer | median (s) | fastmerge's speed-up | median CPU time (s) "
+        "| speed-up in CPU time | final objective | sweeps | same permutations as fastmerge |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for p, t in r["median_s"].items():
@@ -376,10 +392,24 @@ def main() -> None:
             lines.append(
                 f"| {r['workload']} | {p} | {t:.2f} | "
                 + (f"{r['speedup'][p]:.1f}x" if p in r["speedup"] else "-")
+                + f" | {r['median_cpu_s'][p]:.2f} | "
+                + (f"{r['speedup_cpu'][p]:.1f}x" if p in r["speedup_cpu"] else "-")
                 + f" | {f'{obj:.8g}' if obj is not None else 'n/a (own groups)'} | "
                 + f"{r['sweeps'].get(p, 'n/a')} | {r['same_permutations'].get(p, '-')} |"
             )
     lines += [""]
+    for r in rows:
+        lines.append(
+            f"- {r['workload']}: wall times per round (s): "
+            + "; ".join(
+                f"{p} {', '.join(f'{t:.2f}' for t in v)}" for p, v in r["all_times_s"].items() if v
+            )
+        )
+    for r in rows:
+        lines.append(
+            f"- {r['workload']}: median of the per-round speed-ups: "
+            + ", ".join(f"{p} {v:.1f}x" for p, v in r["speedup_paired"].items())
+        )
     for r in rows:
         w = r["fastmerge_gemm_work_in_sweeps"]
         lines.append(
