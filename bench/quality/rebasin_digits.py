@@ -20,7 +20,9 @@ seeds. Target: the weight-matching barrier at most 1/3 of the raw barrier.
 
 **Width.** Weight matching needs wide enough models (Git Re-Basin's barriers vanish with
 width). ``resnet-xM`` is ``resnet`` with every width multiplied by ``M`` (stem and first
-block 32 M channels, second block 64 M), trained the same way (``resnet``'s epochs).
+block 32 M channels, second block 64 M), trained the same way (``resnet``'s epochs);
+``resnet-x1`` is ``resnet`` again (the same seeds give the same models), to report it on
+another split.
 ``--archs resnet-x2,resnet-x4 --split val --add`` evaluates them on the validation split
 and adds their rows to the existing results (rows already there are kept; each row names
 its split).
@@ -105,7 +107,7 @@ def width(arch: str) -> int:
 def train_pair(arch: str, seed: int, data: dict):
     """Two models trained from seeds ``1000 + 2 seed`` and ``1001 + 2 seed`` (pleas_digits'
     ``full`` setting; ``resnet-xM`` built here, trained like ``resnet``)."""
-    if width(arch) <= 1:
+    if arch in ("mlp", "resnet"):
         return digits.train_pair("full", arch, seed, data)
     build = digits.build
     digits.build = lambda _: WideResNet(width(arch))
@@ -337,6 +339,8 @@ def main() -> None:
             _merge_rows(json.loads(path.read_text()), results, summary, splits, runs)
     for arch in archs:
         runs[arch]["seconds"] = time.perf_counter() - start
+    for arch in summary:  # rows added from other runs: resnet-xM trains for resnet's epochs
+        digits.EPOCHS.setdefault(arch, digits.EPOCHS["resnet"])
     doc = {
         "benchmark": "rebasin_digits",
         "machine": {
