@@ -228,7 +228,7 @@ def table(summary: dict, n_seeds: int, splits: Optional[dict] = None) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, splits: Optional[dict] = None) -> None:
     try:
         import matplotlib
 
@@ -248,7 +248,7 @@ def plot(results: dict, path: Path) -> None:
                     alpha=0.8,
                     label=path_name if i == 0 else None,
                 )
-        ax.set_title(f"{arch}: test loss on the path a -> b")
+        ax.set_title(f"{arch}: {(splits or {}).get(arch, 'test')} loss on the path a -> b")
         ax.set_xlabel("alpha")
         ax.set_ylabel("cross-entropy")
         ax.legend()
@@ -383,7 +383,7 @@ def main() -> None:
         ]
     )
     write(args.out / f"{stem}.md", md)
-    plot(results, args.out / f"{stem}.png")
+    plot(results, args.out / f"{stem}.png", splits)
     print(md)
 
 
