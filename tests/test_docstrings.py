@@ -53,6 +53,7 @@ MODULES = [
     "fastmerge.pleas.multi_layouts",
     "fastmerge.pleas.multi_least_squares",
     "fastmerge.pleas.multi",
+    "fastmerge.pleas.weight_matching",
     "fastmerge.wsa.penalty",
     "fastmerge.wsa.scope",
     "fastmerge.wsa.regularizer",

@@ -13,6 +13,8 @@ per-group ratios for a relative-FLOPs budget. :func:`merge` builds the merged mo
 or a baseline, and :class:`Ensemble` is the 2x reference. :func:`merge_many` merges N models
 (:func:`match_many` aligns them to a reference, :func:`multi_layout` gives the
 ``[merged | only-0 | ... | only-(N-1)]`` layout, budget in [1, N]).
+or a baseline, and :class:`Ensemble` is the 2x reference. :func:`weight_matching` (Git
+Re-Basin) matches the units from the weights alone, without data.
 
 Example:
     >>> import torch
@@ -40,6 +42,7 @@ from .multi import merge_many, merge_weights_many, relative_flops_many
 from .multi_layouts import MultiLayout, multi_layout
 from .multi_least_squares import solve_least_squares_many
 from .multi_matching import MultiMatch, align_many, match_many
+from .weight_matching import WeightMatch, weight_matching
 
 __all__ = [
     "Axis",
@@ -55,6 +58,7 @@ __all__ = [
     "PermutationGroup",
     "PermutationSpec",
     "UntraceableModelError",
+    "WeightMatch",
     "align_many",
     "allocate",
     "apply_permutation",
@@ -76,4 +80,5 @@ __all__ = [
     "relative_flops_many",
     "solve_least_squares",
     "solve_least_squares_many",
+    "weight_matching",
 ]

@@ -43,6 +43,7 @@ from .matching import (
     match,
     partial_layout,
 )
+from .weight_matching import weight_matching
 
 __all__ = [
     "METHODS",
@@ -280,6 +281,7 @@ def merge(
     spec: Optional[PermutationSpec] = None,
     reset_bn: bool = True,
     distributed: Optional[bool] = None,
+    align: str = "activations",
 ) -> nn.Module:
     """Merge two models of the same architecture into one ordinary ``nn.Module`` whose
     Conv/Linear FLOPs are at most ``budget`` times one model's.
@@ -295,6 +297,9 @@ def merge(
     * ``"zipit"``: the same matching, ``"stagewise"`` ratios by default (early groups merged,
       late ones kept per model), no least squares;
     * ``"permute"``: full matching (budget 1 only), b's matched units averaged with a's;
+      ``align="weights"`` matches the weights instead of the activations
+      (:func:`~fastmerge.pleas.weight_matching`, Git Re-Basin's data-free matching; ``data``
+      then only traces the model and re-estimates the BatchNorm statistics);
     * ``"average"``: the plain weight average (budget 1 only; ``data`` only for BatchNorm).
 
     ``data`` is any iterable of input batches (or of ``(input, target, ...)`` tuples); an
@@ -314,7 +319,8 @@ def merge(
     Raises:
         ValueError: different architectures or parameter shapes (naming the first), budget
             outside [1, 2] (or other than 1 for "average"/"permute"), empty ``data``, an
-            unknown method, cost or allocation.
+            unknown method, cost, allocation or align (``"weights"`` with another method
+            than ``"permute"``).
         NotImplementedError: a permuted group held by an unsupported module (named).
 
     Example:
@@ -335,6 +341,10 @@ def merge(
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
     if not isinstance(cost, str) or cost not in COST_KINDS:
         raise ValueError(f"cost must be one of {', '.join(map(repr, COST_KINDS))}, got {cost!r}")
+    if align not in ("activations", "weights"):
+        raise ValueError(f"align must be 'activations' or 'weights', got {align!r}")
+    if align == "weights" and method != "permute":
+        raise ValueError(f"align='weights' needs method='permute', got method={method!r}")
     check_same_architecture(model_a, model_b)
     b = _check_budget(budget)
     if method in ("average", "permute") and b != 1.0:
@@ -358,6 +368,8 @@ def merge(
     fits: dict[str, Any] = {}
     if method == "average":
         layouts = identity_layouts(spec)
+    elif align == "weights":
+        layouts = weight_matching(model_a, model_b, spec=spec).layouts()
     else:
         matches = match(model_a, model_b, batches, spec, cost=cost, distributed=distributed)
         ratios = (
@@ -386,7 +398,8 @@ def merge(
         "method": method,
         "budget": b,
         "allocation": strategy if method in ("pleas", "zipit") else None,
-        "cost": cost if method != "average" else None,
+        "cost": cost if method != "average" and align == "activations" else None,
+        "align": align if method == "permute" else None,
         "ratios": realized,
         "widths": {g: lay.width for g, lay in layouts.items()},
         "relative_flops": relative_flops(costs, realized),

@@ -29,10 +29,11 @@ from ..pleas.groups import apply_permutation, permutation_groups
 from ..pleas.least_squares_stage import recompute_batchnorm
 from ..pleas.matching import _first_input, check_same_architecture, match
 from ..pleas.multi_matching import align_many
+from ..pleas.weight_matching import weight_matching
 from ._display import new_figure, progress_bar, save_png
 
 Evaluate = Callable[[nn.Module], Union[float, Mapping[str, float]]]
-ALIGN_METHODS = ("permute",)
+ALIGN_METHODS = ("permute", "weights")
 #: The metric name under which an ``evaluate`` that returns a bare number is recorded.
 SCALAR_METRIC = "value"
 _HIGHER_IS_BETTER_HINTS = ("acc", "top1", "top5", "f1", "auc", "precision", "recall", "score")
@@ -105,19 +106,23 @@ def permutation_align(
     *,
     cost: str = "neg_sq_distance",
     distributed: Optional[bool] = None,
+    method: str = "activations",
 ) -> Union[nn.Module, list[nn.Module]]:
     """A copy of ``model_b`` with its units permuted to line up with ``model_a``'s.
 
     ``model_b`` may also be a list or tuple of models: then every one of them is aligned
     to ``model_a`` (:func:`fastmerge.pleas.align_many` with ``model_a`` as the reference,
-    one pass over ``data`` for all of them) and the list of aligned copies is returned.
+    one pass over ``data`` for all of them; with ``method="weights"`` each is weight-matched
+    to ``model_a``) and the list of aligned copies is returned.
 
     Full permutation alignment (Git Re-Basin activation matching) with PLeaS' machinery:
     the permutation groups of ``model_a`` (:func:`fastmerge.pleas.permutation_groups`,
     traced on the first batch of ``data``), one exact assignment per group from the models'
     activations on ``data`` (:func:`fastmerge.pleas.match`), then
     :func:`fastmerge.pleas.apply_permutation`. The copy computes the same function as
-    ``model_b``.
+    ``model_b``. ``method="weights"`` matches the weights instead
+    (:func:`fastmerge.pleas.weight_matching`, data-free: only the first batch of ``data`` is
+    read, to trace the model).
 
     Args:
         model_a, model_b: two models of the same architecture (or ``model_b`` a list of them).
@@ -127,6 +132,7 @@ def permutation_align(
             batch; every rank gets the same permutation), as for
             :func:`fastmerge.pleas.match`; ``None``: when a torch.distributed process
             group of more than one rank is initialized.
+        method: ``"activations"`` (default) or ``"weights"``.
 
     Example:
         >>> from torch import nn
@@ -142,7 +148,12 @@ def permutation_align(
         >>> [torch.equal(m[0].weight, a[0].weight) for m in both]
         [True, True]
     """
+    if method not in ("activations", "weights"):
+        raise ValueError(f"method must be 'activations' or 'weights', got {method!r}")
     if isinstance(model_b, (list, tuple)):
+        if method == "weights":  # data-free: each model matched to model_a on its own
+            batches = _reusable(data, "data")
+            return [permutation_align(model_a, m, batches, method="weights") for m in model_b]
         aligned = align_many([model_a, *model_b], data, cost=cost, distributed=distributed)
         return aligned[1:]
     check_same_architecture(model_a, model_b)
@@ -155,6 +166,8 @@ def permutation_align(
     example = _first_input(first)
     example = example.to(device) if isinstance(example, torch.Tensor) else example
     spec = permutation_groups(model_a, example)
+    if method == "weights":
+        return weight_matching(model_a, model_b, spec=spec).apply(model_b)
     matches = match(model_a, model_b, batches, spec, cost=cost, distributed=distributed)
     return apply_permutation(model_b, spec, {name: m.perm_b for name, m in matches.items()})
 
@@ -367,7 +380,9 @@ def interpolation_curve(
             (:func:`fastmerge.pleas.recompute_batchnorm`); None keeps the interpolated
             statistics (with a warning when the models have BatchNorm).
         align: None, or ``"permute"`` to first permute ``model_b``'s units to match
-            ``model_a``'s (:func:`permutation_align`, full permutation).
+            ``model_a``'s (:func:`permutation_align`, full permutation), or ``"weights"`` to
+            do so by Git Re-Basin weight matching (:func:`fastmerge.pleas.weight_matching`,
+            data-free: only one batch is read, to trace the model).
         align_data: batches for the alignment's activations; default ``bn_data``.
         progress: show a tqdm progress bar over the alphas (if tqdm is installed).
 
@@ -376,8 +391,8 @@ def interpolation_curve(
 
     Raises:
         ValueError: different architectures (naming the parameter), an unknown ``align``,
-            ``align="permute"`` without data, or ``evaluate`` returning different metrics at
-            different alphas.
+            ``align="permute"`` or ``"weights"`` without data, or ``evaluate`` returning
+            different metrics at different alphas.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -394,7 +409,7 @@ def interpolation_curve(
     if not callable(evaluate):
         raise TypeError(f"evaluate must be callable, got {type(evaluate).__name__}")
     if align is not None and align not in ALIGN_METHODS:
-        raise ValueError(f"align must be None or 'permute', got {align!r}")
+        raise ValueError(f"align must be None, 'permute' or 'weights', got {align!r}")
     check_same_architecture(model_a, model_b)
     grid = _alpha_grid(alphas)
     bn_batches = _reusable(bn_data, "bn_data") if bn_data is not None else None
@@ -405,13 +420,13 @@ def interpolation_curve(
             "re-estimate them at every alpha)",
             stacklevel=2,
         )
-    if align == "permute":
+    if align is not None:
         data = align_data if align_data is not None else bn_batches
         if data is None:
-            raise ValueError(
-                "align='permute' needs data for the activations: pass align_data or bn_data"
-            )
-        model_b = permutation_align(model_a, model_b, data, distributed=False)
+            need = "data for the activations" if align == "permute" else "a batch to trace"
+            raise ValueError(f"align={align!r} needs {need}: pass align_data or bn_data")
+        method = "activations" if align == "permute" else "weights"
+        model_b = permutation_align(model_a, model_b, data, distributed=False, method=method)
     metrics: dict[str, list[float]] = {}
     for i, alpha in enumerate(progress_bar(grid, progress, "interpolation", len(grid))):
         model = interpolate(model_a, model_b, alpha)
