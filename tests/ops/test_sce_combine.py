@@ -3,6 +3,8 @@ energy weights to float64 rounding), and against SCE written out in plain torch.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ import fastmerge
 from fastmerge.reference import sce_combine as reference
 
 from ..conftest import backend_params
+from .ptx import triton_kernels_checked
 from .test_magnitude_threshold import DTYPES, _inputs, _sizes
 
 
@@ -209,3 +212,16 @@ def test_out_must_not_overlap_an_input():
     big = torch.zeros(40)
     with pytest.raises(ValueError, match="out overlaps experts\\[0\\]"):
         fastmerge.ops.sce_combine(torch.zeros(36), [big[:36]], out=big[4:])
+
+
+@pytest.mark.aot
+@pytest.mark.triton
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA toolkit on this machine")
+def test_triton_kernels_compile_without_fma_and_with_exact_division():
+    """On a GPU the Triton kernels must round like the reference: no fused multiply-add
+    (the launch options disable it) and correctly rounded divisions."""
+    pytest.importorskip("triton")
+    from fastmerge.kernels.sce_combine import AOT_SIGNATURES
+
+    no_division = tuple(name for name in AOT_SIGNATURES if "energies" in name and "=False" in name)
+    assert triton_kernels_checked("sce_combine", no_division) == len(AOT_SIGNATURES)
