@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastmerge
+from fastmerge.ops.sce_combine import _ENERGIES_OP
 from fastmerge.reference import sce_combine as reference
 
 from ..conftest import backend_params
@@ -225,3 +226,22 @@ def test_triton_kernels_compile_without_fma_and_with_exact_division():
 
     no_division = tuple(name for name in AOT_SIGNATURES if "energies" in name and "=False" in name)
     assert triton_kernels_checked("sce_combine", no_division) == len(AOT_SIGNATURES)
+
+
+def test_cpu_energies_match_the_reference_whatever_the_thread_count():
+    base, experts = _inputs(100003, 5, torch.float32, seed=9)
+    thr = _threshold(base, experts, 0.4)
+    b, es = base, experts
+    want = reference.sce_energies(b, es, thr)
+    previous = fastmerge.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            fastmerge.set_num_threads(threads)
+            results.append(_ENERGIES_OP(b, es, thr.reshape(1), "cpu"))
+            merged = fastmerge.ops.sce_combine(b, es, threshold=thr, backend="cpu")
+            results.append(merged)
+    finally:
+        fastmerge.set_num_threads(previous)
+    assert torch.equal(results[0], results[2]) and torch.equal(results[1], results[3])
+    torch.testing.assert_close(results[0], want, rtol=1e-13, atol=0)
