@@ -250,6 +250,11 @@ def _direct_calls():
         ),
         "merge_lowrank": (ops.merge_lowrank, (r(5, 4), r(2, 5, 1), r(2, 1, 4), r(2))),
         "magprune": (lambda b, e: ops.magprune(b, e, 0.5, 0.2, seed=3), (r(4, 5), r(4, 5))),
+        "sce_variance": (lambda b, e, f: ops.sce_variance(b, [e, f]), (r(4, 5), r(4, 5), r(4, 5))),
+        "sce_combine": (
+            lambda b, e, f, t: ops.sce_combine(b, [e, f], threshold=t),
+            (r(4, 5), r(4, 5), r(4, 5), r(1).abs()),
+        ),
     }
 
 

@@ -21,6 +21,7 @@
 #include "../cpu/magnitude_threshold.h"
 #include "../cpu/magprune.h"
 #include "../cpu/nearswap.h"
+#include "../cpu/sce_combine.h"
 #include "../cpu/scope_grad.h"
 #include "../cpu/scope_stats.h"
 #include "../cpu/ties_combine.h"
@@ -313,6 +314,47 @@ PYBIND11_MODULE(_C, m) {
       "Generalized task arithmetic of one tensor: params (compute type, 4 x T: weights, lower, "
       "upper, scales), random (0, or int64 2 x T: keys, keep_below), sign election, "
       "base + lam * mixed.");
+  m.def(
+      "sce_variance",
+      [](uintptr_t base, const std::vector<uintptr_t>& experts, int64_t n, int32_t dtype,
+         uintptr_t var) {
+        const auto pointers = as_pointers<const void*>(experts);
+        py::gil_scoped_release release;
+        fastmerge::cpu::sce_variance(reinterpret_cast<const void*>(base), pointers, n, dtype,
+                                     reinterpret_cast<void*>(var));
+      },
+      py::arg("base"), py::arg("experts"), py::arg("n"), py::arg("dtype"), py::arg("var"),
+      "SCE's variance across the models of tau_t = experts[t] - base (population, the mean "
+      "first), n values of the compute type written into var.");
+  m.def(
+      "sce_energies",
+      [](uintptr_t base, const std::vector<uintptr_t>& experts, int64_t n, int32_t dtype,
+         bool select, uintptr_t threshold, uintptr_t sums) {
+        const auto pointers = as_pointers<const void*>(experts);
+        py::gil_scoped_release release;
+        fastmerge::cpu::sce_energies(reinterpret_cast<const void*>(base), pointers, n, dtype,
+                                     select, reinterpret_cast<const void*>(threshold),
+                                     reinterpret_cast<double*>(sums));
+      },
+      py::arg("base"), py::arg("experts"), py::arg("n"), py::arg("dtype"), py::arg("select"),
+      py::arg("threshold"), py::arg("sums"),
+      "SCE's energies: float64 sum of the squared kept tau_t per expert (kept: variance >= "
+      "threshold when select).");
+  m.def(
+      "sce_combine",
+      [](uintptr_t base, const std::vector<uintptr_t>& experts, int64_t n, int32_t dtype,
+         bool select, uintptr_t threshold, uintptr_t weights, uintptr_t out, int32_t out_dtype) {
+        const auto pointers = as_pointers<const void*>(experts);
+        py::gil_scoped_release release;
+        fastmerge::cpu::sce_combine(reinterpret_cast<const void*>(base), pointers, n, dtype,
+                                    select, reinterpret_cast<const void*>(threshold),
+                                    reinterpret_cast<const void*>(weights),
+                                    reinterpret_cast<void*>(out), out_dtype);
+      },
+      py::arg("base"), py::arg("experts"), py::arg("n"), py::arg("dtype"), py::arg("select"),
+      py::arg("threshold"), py::arg("weights"), py::arg("out"), py::arg("out_dtype"),
+      "SCE's erase of one tensor: elect the sign of the sum of the kept tau, base + weighted "
+      "mean of the agreeing kept tau (divisor floored at 1e-6).");
   m.def(
       "ties_combine",
       [](uintptr_t base, const std::vector<uintptr_t>& experts, int64_t n, int32_t dtype,

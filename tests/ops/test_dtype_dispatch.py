@@ -133,6 +133,26 @@ CPU_CASES = {
         "nearswap: out_dtype",
         ALL,
     ),
+    "sce_variance dtype": (
+        lambda C, p: C.sce_variance(p, [p], 4, BAD, p),
+        "sce_variance: dtype",
+        ALL,
+    ),
+    "sce_energies dtype": (
+        lambda C, p: C.sce_energies(p, [p], 4, BAD, False, 0, p),
+        "sce_energies: dtype",
+        ALL,
+    ),
+    "sce_combine dtype": (
+        lambda C, p: C.sce_combine(p, [p], 4, BAD, False, 0, p, p, F32),
+        "sce_combine: dtype",
+        ALL,
+    ),
+    "sce_combine out_dtype": (
+        lambda C, p: C.sce_combine(p, [p], 4, F32, False, 0, p, p, BAD),
+        "sce_combine: out_dtype",
+        ALL,
+    ),
     "magprune base_dtype": (
         lambda C, p: C.magprune(p, BAD, p, F32, 4, 4, 1, False, 1, 0, 0, 0, p, F32, p),
         "magprune: base_dtype",

@@ -20,6 +20,9 @@ from fastmerge.ops.lowrank_mixture import _OP as lowrank_mixture_op
 from fastmerge.ops.magnitude_threshold import _OP as magnitude_threshold_op
 from fastmerge.ops.magprune import _OP as magprune_op
 from fastmerge.ops.nearswap import _OP as nearswap_op
+from fastmerge.ops.sce_combine import _ENERGIES_OP as sce_energies_op
+from fastmerge.ops.sce_combine import _OP as sce_combine_op
+from fastmerge.ops.sce_combine import _VARIANCE_OP as sce_variance_op
 from fastmerge.ops.scope_grad import scope_grad_op
 from fastmerge.ops.scope_stats import scope_stats_op
 from fastmerge.ops.ties_combine import _OP as ties_combine_op
@@ -116,6 +119,19 @@ def _cases(device: str) -> dict[str, tuple]:
             magprune_op,
             (base, experts[0], 123, 2**51, 2**47, 0, 4, 2, torch.empty_like(base), None),
         ),
+        "sce_variance": (sce_variance_op, (base, experts, torch.empty_like(base), None)),
+        "sce_energies": (sce_energies_op, (base, experts, base.new_full((1,), 0.1), None)),
+        "sce_combine": (
+            sce_combine_op,
+            (
+                base,
+                experts,
+                base.new_full((1,), 0.1),
+                base.new_tensor([0.25, 0.75]),
+                torch.empty_like(base),
+                None,
+            ),
+        ),  # fmt: skip
         "weighted_sum": (
             weighted_sum_op,
             (experts, [0.5, 0.25], torch.float32, torch.empty_like(base), None),

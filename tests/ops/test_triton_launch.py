@@ -78,6 +78,15 @@ def _launchers() -> dict[str, object]:
         "nearswap.nearswap": lambda: kernels.nearswap.nearswap(
             base, experts[0], 0.5, torch.float32, torch.empty(50)
         ),
+        "sce_combine.sce_variance": lambda: kernels.sce_combine.sce_variance(
+            base, experts, torch.empty(50)
+        ),
+        "sce_combine.sce_energies": lambda: kernels.sce_combine.sce_energies(
+            base, experts, torch.zeros(1)
+        ),
+        "sce_combine.sce_combine": lambda: kernels.sce_combine.sce_combine(
+            base, experts, None, torch.ones(2), torch.empty(50)
+        ),
         "scope_grad.scope_grad": lambda: kernels.scope_grad.scope_grad(
             [r(7), r(3)], torch.ones(3, 2, dtype=torch.float64)
         ),

@@ -36,6 +36,7 @@ KERNEL_MODULES = (
     "magnitude_threshold",
     "magprune",
     "nearswap",
+    "sce_combine",
     "scope_grad",
     "scope_stats",
     "ties_combine",

@@ -19,6 +19,7 @@ from .lowrank_mixture import clear_lowrank_cache, lowrank_mixture, merge_lowrank
 from .magnitude_threshold import magnitude_threshold
 from .magprune import magprune
 from .nearswap import nearswap
+from .sce_combine import sce_combine, sce_variance
 from .scope_grad import scope_grad
 from .scope_stats import scope_stats
 from .ties_combine import ties_combine
@@ -40,6 +41,8 @@ __all__ = [
     "magnitude_threshold",
     "magprune",
     "nearswap",
+    "sce_combine",
+    "sce_variance",
     "scope_grad",
     "scope_stats",
     "ties_combine",

@@ -11,14 +11,17 @@ With τ_i = θ_i − base (i = 1..N):
    entries: ``sce = base + Σ w_i m_i τ_i / max(Σ w_i m_i, 1e-6)``. The election is on
    the unweighted deltas (TIES elects on the weighted ones).
 
-The selection is one exact radix selection on the variances
-(:func:`fastmerge.ops.magnitude_threshold`; every entry tied with the threshold is kept,
-mergekit's top-k keeps exactly k); the energies come from one Gram pass
-(:func:`fastmerge.ops.gram`), the election and weighted mean from in-place torch passes.
+Three passes over the tensors, τ never stored: the variances
+(:func:`fastmerge.ops.sce_variance`, only when ``select_topk`` < 1), then one exact radix
+selection on them (:func:`fastmerge.ops.magnitude_threshold`; every entry tied with the
+threshold is kept, mergekit's top-k keeps exactly k), then :func:`fastmerge.ops.sce_combine`
+(the energies of the kept deltas in one pass, the election and weighted mean in another).
 Reference: Wan et al. 2024, https://arxiv.org/abs/2408.07990.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -26,58 +29,38 @@ from ... import ops
 from ..registry import MergeMethod, Parameter, register
 
 
-def select_mask(taus: list[torch.Tensor], topk: float) -> torch.Tensor:
-    """Where the variance across the models is among the top `topk` of the non-zero ones
-    (two passes over the deltas, as torch.var: the mean, then the squared deviations)."""
-    mean = torch.zeros_like(taus[0])
-    for tau in taus:
-        mean += tau
-    mean /= len(taus)
-    var = torch.zeros_like(mean)
-    for tau in taus:
-        deviation = tau - mean
-        var.addcmul_(deviation, deviation)
-    var /= len(taus)
-    del mean
+def select_threshold(
+    base: torch.Tensor, experts: list[torch.Tensor], topk: float
+) -> Optional[torch.Tensor]:
+    """The variance threshold of the top `topk` of the non-zero variances across the
+    models of ``τ_i = experts[i] - base`` (None: nothing is selected).
+
+    Example:
+        >>> base = torch.zeros(4)
+        >>> experts = [torch.tensor([1.0, 0.0, 2.0, 5.0]), torch.tensor([-1.0, 0.0, 2.0, 1.0])]
+        >>> select_threshold(base, experts, 0.5).tolist(), select_threshold(base, experts, 0.4)
+        (4.0, None)
+    """
+    var = ops.sce_variance(base, experts)
     k = int(torch.count_nonzero(var).item() * topk)
     if k == 0:
-        return torch.zeros_like(var, dtype=torch.bool)
-    thr = ops.magnitude_threshold(torch.zeros_like(var), [var], k)[0]
-    return var >= thr
+        return None
+    return ops.magnitude_threshold(torch.zeros_like(var), [var], k)[0]
 
 
 def merge(task, tensors, statistics=None):
     """The SCE merge of one tensor."""
     base = tensors[task.base_index]
-    taus = [x - base for j, x in enumerate(tensors) if j != task.base_index]
-    if not taus:
+    experts = [x for j, x in enumerate(tensors) if j != task.base_index]
+    if not experts:
         return base
     topk = task.shared["select_topk"]
+    threshold = None
     if topk < 1:
-        mask = select_mask(taus, topk) if topk > 0 else torch.zeros_like(base, dtype=torch.bool)
-        for tau in taus:
-            tau.mul_(mask)
-    n = max(base.numel(), 1)
-    energy = [x / n for x in torch.diagonal(ops.gram(taus)).tolist()]  # mean(τ_i²)
-    total = sum(energy)
-    weights = [e / total for e in energy] if abs(total) >= 1e-6 else [1 / len(taus)] * len(taus)
-    return erase(base, taus, weights)
-
-
-def erase(base: torch.Tensor, taus: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """``base + Σ w_i m_i τ_i / max(Σ w_i m_i, 1e-6)``, m_i: τ_i has the sign of Σ_j τ_j
-    (the election is on the unweighted deltas, unlike TIES', so this is not
-    :func:`fastmerge.ops.gta_combine`)."""
-    total = torch.zeros_like(base)
-    for tau in taus:
-        total += tau
-    positive = total >= 0
-    merged, divisor = total.zero_(), torch.zeros_like(base)
-    for w, tau in zip(weights, taus):
-        agrees = torch.where(positive, tau > 0, tau < 0)
-        merged.add_(tau.mul_(agrees), alpha=w)
-        divisor.add_(agrees, alpha=w)
-    return merged.div_(divisor.clamp_(min=1e-6)).add_(base)
+        threshold = select_threshold(base, experts, topk) if topk > 0 else None
+        if threshold is None:  # every delta erased: the base
+            return base.clone()
+    return ops.sce_combine(base, experts, threshold=threshold)
 
 
 METHOD = register(
