@@ -51,11 +51,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import TensorMetadata
 
 from ._common import _TRANSPOSED_TYPES
 from .analysis import _T, _UNKNOWN, _Analysis, _iter_tensors
-from .shape_rules import _cat, _getitem, _reshape, _split
+from .shape_rules import _cat, _expand, _getitem, _reshape, _split
 from .tracing import _node_desc
 
 __all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "apply"]
@@ -227,17 +226,8 @@ def _reduce(a: _Analysis, c: _Call) -> Any:
 
 
 @_on_tensor
-def _expand(a: _Analysis, c: _Call) -> Any:
-    x, out = c.x, c.out
-    if not isinstance(out, TensorMetadata) or len(out.shape) < x.ndim:
-        return None
-    oshape = tuple(out.shape)
-    lead = len(oshape) - x.ndim
-    dims = [a.new(s) for s in oshape[:lead]]
-    for i in range(x.ndim):
-        same = x.shape[i] == oshape[lead + i]
-        dims.append(x.dims[i] if same else a.new(oshape[lead + i]))
-    return _T(tuple(dims), oshape)
+def _expand_call(a: _Analysis, c: _Call) -> Any:
+    return _expand(a, c.x, c.out)
 
 
 @_on_tensor
@@ -352,7 +342,7 @@ METHOD_RULES: dict[str, CallRule] = _table(
     (("t",), _t),
     (("matmul", "bmm"), _matmul),
     (_REDUCE_METHODS, _reduce),
-    (("expand", "expand_as"), _expand),
+    (("expand", "expand_as"), _expand_call),
     (("chunk", "split"), _split_call),
 )
 """The rule of each supported tensor method (``call_method`` nodes), by name."""

@@ -1,4 +1,4 @@
-"""Axis rules of the ops that reshape, index, concatenate or split tensors.
+"""Axis rules of the ops that reshape, expand, index, concatenate or split tensors.
 
 The shape-changing part of the per-op rules of :mod:`fastmerge.pleas.op_rules`, each a
 function of the analysis (:class:`~fastmerge.pleas.analysis._Analysis`), the op's input
@@ -102,6 +102,19 @@ def _split(a: _Analysis, name: str, x: _T, dim: int, out: Any) -> Any:
         dims[d] = a.new(m.shape[d], reason=reason)
         res.append(_T(tuple(dims), tuple(m.shape)))
     return tuple(res)
+
+
+def _expand(a: _Analysis, x: _T, out: Any) -> Any:
+    """expand/expand_as: axes that keep their size pass, new and broadcast ones are fresh."""
+    if not isinstance(out, TensorMetadata) or len(out.shape) < x.ndim:
+        return None
+    oshape = tuple(out.shape)
+    lead = len(oshape) - x.ndim
+    dims = [a.new(s) for s in oshape[:lead]]
+    for i in range(x.ndim):
+        same = x.shape[i] == oshape[lead + i]
+        dims.append(x.dims[i] if same else a.new(oshape[lead + i]))
+    return _T(tuple(dims), oshape)
 
 
 def _getitem(a: _Analysis, name: str, x: Any, idx: Any) -> Any:
