@@ -32,7 +32,8 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
-from .groups import PermutationSpec, _as_inputs
+from ._common import _as_inputs
+from .groups import PermutationSpec
 from .matching import GroupMatch, _check_ratio
 
 __all__ = ["STRATEGIES", "LayerCost", "allocate", "layer_costs", "relative_flops"]

@@ -37,7 +37,8 @@ from torch import nn
 from ..dist import all_reduce_values, should_reduce
 from ..features import FeatureStats
 from ..ops.linear_assignment import linear_assignment
-from .groups import PermutationSpec, _named_tensors, permutation_groups
+from ._common import _named_tensors
+from .groups import PermutationSpec, permutation_groups
 
 __all__ = [
     "COST_KINDS",

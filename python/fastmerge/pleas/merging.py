@@ -29,8 +29,9 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from ._common import _named_tensors
 from .allocation import _check_budget, allocate, layer_costs, relative_flops
-from .groups import PermutationSpec, _named_tensors, permutation_groups
+from .groups import PermutationSpec, permutation_groups
 from .least_squares_stage import _batch_list, recompute_batchnorm, solve_least_squares
 from .matching import (
     COST_KINDS,

@@ -26,8 +26,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ._common import _named_tensors
 from .allocation import _check_costs, allocate, layer_costs, relative_flops
-from .groups import PermutationSpec, _named_tensors, permutation_groups
+from .groups import PermutationSpec, permutation_groups
 from .least_squares_stage import _batch_list, recompute_batchnorm
 from .matching import COST_KINDS, _device_of, _first_input, _to_device
 from .merging import _CONV, METHODS, _check_module, _owner, _rebuild
