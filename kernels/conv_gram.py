@@ -11,10 +11,13 @@ float64 atomic adds into a zeroed output.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
+from ._aot import aot_entry
 from ._launch import launch
 
 BLOCK = 32
@@ -25,6 +28,27 @@ FLUSH = 32
 MIN_SLICE = BLOCK_M * FLUSH
 
 
+class _Shape(NamedTuple):
+    """The sizes of one convolution, in the order the kernels take them (after the
+    samples): input channels and height and width, output channels and height and width,
+    then the kernel's height and width, strides, paddings and dilations."""
+
+    c_in: int
+    h: int
+    w: int
+    c_out: int
+    h_out: int
+    w_out: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    dh: int
+    dw: int
+
+
 @triton.jit
 def _columns(
     x_ptr,
@@ -33,23 +57,12 @@ def _columns(
     t,
     m_mask,
     t_mask,
-    c_in,
-    h,
-    w,
-    c_out,
-    h_out,
-    w_out,
-    kh,
-    kw,
-    sh,
-    sw,
-    ph,
-    pw,
-    dh,
-    dw,
+    shape,
     HAS_BIAS: tl.constexpr,
 ):
-    """(len(m), len(t)) values of columns t of samples m (0 where masked)."""
+    """(len(m), len(t)) values of columns t of samples m (0 where masked); `shape` is the
+    tuple of the sizes that :class:`_Shape` names."""
+    c_in, h, w, c_out, h_out, w_out, kh, kw, sh, sw, ph, pw, dh, dw = shape
     pixels = h_out * w_out
     n = m // pixels
     p = m - n * pixels
@@ -104,6 +117,7 @@ def conv_gram_kernel(
     BLOCK_M: tl.constexpr,
     FLUSH: tl.constexpr,
 ):
+    shape = (c_in, h, w, c_out, h_out, w_out, kh, kw, sh, sw, ph, pw, dh, dw)
     rows = c_in * kh * kw + HAS_BIAS
     cols = rows + c_out
     r = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -123,52 +137,8 @@ def conv_gram_kernel(
         for s in range(0, FLUSH):
             m = g0 + s * BLOCK_M + tl.arange(0, BLOCK_M)
             m_mask = m < m_end
-            a = _columns(
-                x_ptr,
-                y_ptr,
-                m,
-                r,
-                m_mask,
-                r_mask,
-                c_in,
-                h,
-                w,
-                c_out,
-                h_out,
-                w_out,
-                kh,
-                kw,
-                sh,
-                sw,
-                ph,
-                pw,
-                dh,
-                dw,
-                HAS_BIAS,
-            )
-            b = _columns(
-                x_ptr,
-                y_ptr,
-                m,
-                t,
-                m_mask,
-                t_mask,
-                c_in,
-                h,
-                w,
-                c_out,
-                h_out,
-                w_out,
-                kh,
-                kw,
-                sh,
-                sw,
-                ph,
-                pw,
-                dh,
-                dw,
-                HAS_BIAS,
-            )
+            a = _columns(x_ptr, y_ptr, m, r, m_mask, r_mask, shape, HAS_BIAS)
+            b = _columns(x_ptr, y_ptr, m, t, m_mask, t_mask, shape, HAS_BIAS)
             if F64:
                 part += tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[:, None, :], 0)
             else:
@@ -183,11 +153,12 @@ def conv_gram_kernel(
 def conv_gram(x: torch.Tensor, y: torch.Tensor, geometry: list[int]) -> torch.Tensor:
     """Float64 (features, columns) upper triangle of B^T B (see the module docs) from
     contiguous x, y of one dtype (float32 or float64) on one device."""
-    n, c_in, h, w, c_out, h_out, w_out, kh, kw, sh, sw, ph, pw, dh, dw, bias = geometry
-    rows = c_in * kh * kw + bias
-    cols = rows + c_out
+    n, *sizes, bias = geometry
+    shape = _Shape(*sizes)
+    rows = shape.c_in * shape.kh * shape.kw + bias
+    cols = rows + shape.c_out
     out = torch.zeros((rows, cols), dtype=torch.float64, device=x.device)
-    samples = n * h_out * w_out
+    samples = n * shape.h_out * shape.w_out
     if rows == 0 or samples == 0:
         return out
     tiles = triton.cdiv(rows, BLOCK) * triton.cdiv(cols, BLOCK)
@@ -197,8 +168,7 @@ def conv_gram(x: torch.Tensor, y: torch.Tensor, geometry: list[int]) -> torch.Te
     grid = (triton.cdiv(cols, BLOCK), triton.cdiv(rows, BLOCK), slices)
     launch(
         conv_gram_kernel, grid, x.device,
-        x, y, out, samples, per_slice, c_in, h, w, c_out, h_out, w_out, kh, kw, sh, sw,
-        ph, pw, dh, dw,
+        x, y, out, samples, per_slice, *shape,
         axes=("column tiles", "row tiles (features / 32)", "sample slices"),
         HAS_BIAS=int(bias), F64=x.dtype == torch.float64, BLOCK=BLOCK, BLOCK_M=BLOCK_M,
         FLUSH=FLUSH,
@@ -206,22 +176,14 @@ def conv_gram(x: torch.Tensor, y: torch.Tensor, geometry: list[int]) -> torch.Te
     return out
 
 
-_INTS = ("samples", "samples_per_slice", "c_in", "h", "w", "c_out", "h_out", "w_out", "kh",
-         "kw", "sh", "sw", "ph", "pw", "dh", "dw")  # fmt: skip
-
 AOT_SIGNATURES = {
-    f"conv_gram_kernel[{dtype},bias={bias}]": (
+    f"conv_gram_kernel[{dtype},bias={bias}]": aot_entry(
         conv_gram_kernel,
         {
             "x_ptr": f"*{dtype}",
             "y_ptr": f"*{dtype}",
             "out_ptr": "*fp64",
-            **{name: "i32" for name in _INTS},
-            "HAS_BIAS": "constexpr",
-            "F64": "constexpr",
-            "BLOCK": "constexpr",
-            "BLOCK_M": "constexpr",
-            "FLUSH": "constexpr",
+            **dict.fromkeys(("samples", "samples_per_slice", *_Shape._fields), "i32"),
         },
         {
             "HAS_BIAS": bias,

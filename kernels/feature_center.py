@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import FLOAT_TYPES, aot_entry
 from ._launch import launch
 from ._tables import TRITON_DTYPES
 
@@ -88,7 +89,7 @@ def feature_center(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> t
 
 
 AOT_SIGNATURES = {
-    f"feature_center_kernel[{name}->{out_name}]": (
+    f"feature_center_kernel[{name}->{out_name}]": aot_entry(
         feature_center_kernel,
         {
             "x_ptr": f"*{name}",
@@ -100,12 +101,9 @@ AOT_SIGNATURES = {
             "x_row_stride": "i64",
             "out_row_stride": "i64",
             "rows_per_split": "i32",
-            "OUT": "constexpr",
-            "BLOCK_R": "constexpr",
-            "BLOCK_C": "constexpr",
         },
-        {"OUT": out_type, "BLOCK_R": BLOCK_R, "BLOCK_C": BLOCK_C},
+        {"OUT": FLOAT_TYPES[out_name], "BLOCK_R": BLOCK_R, "BLOCK_C": BLOCK_C},
     )
-    for name in ("fp16", "bf16", "fp32", "fp64")
-    for out_name, out_type in (("fp32", tl.float32), ("fp64", tl.float64))
+    for name in FLOAT_TYPES
+    for out_name in ("fp32", "fp64")
 }

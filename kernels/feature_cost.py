@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import aot_entry
 from ._launch import launch
 
 #: Kind codes, as in fastmerge/ops/feature_cost.py and feature_cost.h.
@@ -123,7 +124,7 @@ def feature_cost(
 
 
 AOT_SIGNATURES = {
-    f"feature_cost_kernel[{name}]": (
+    f"feature_cost_kernel[{name}]": aot_entry(
         feature_cost_kernel,
         {
             "cross_ptr": "*fp64",
@@ -137,9 +138,6 @@ AOT_SIGNATURES = {
             "inv_n_ptr": "*fp64",
             "rows": "i32",
             "cols": "i32",
-            "KIND": "constexpr",
-            "BLOCK_R": "constexpr",
-            "BLOCK_C": "constexpr",
         },
         {"KIND": code, "BLOCK_R": BLOCK_R, "BLOCK_C": BLOCK_C},
     )

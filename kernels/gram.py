@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import FLOAT_TYPES, aot_entry
 from ._launch import launch
 from ._tables import CHUNK_SIZE, TRITON_DTYPES, int64_on
 
@@ -224,7 +225,7 @@ _POINTERS = {"addresses_ptr": "*i64", "codes_ptr": "*i32"}
 
 AOT_SIGNATURES = {
     **{
-        f"gram_segments_kernel[{name}]": (
+        f"gram_segments_kernel[{name}]": aot_entry(
             gram_segments_kernel,
             {
                 **_POINTERS,
@@ -233,17 +234,13 @@ AOT_SIGNATURES = {
                 "segment_length": "i64",
                 "chunk_length": "i64",
                 "count": "i32",
-                "HAS_BASE": "constexpr",
-                "COMPUTE": "constexpr",
-                "KP": "constexpr",
-                "BLOCK": "constexpr",
             },
-            {"HAS_BASE": True, "COMPUTE": compute, "KP": 8, "BLOCK": TILE_BUDGET // 64},
+            {"HAS_BASE": True, "COMPUTE": FLOAT_TYPES[name], "KP": 8, "BLOCK": TILE_BUDGET // 64},
         )
-        for name, compute in (("fp32", tl.float32), ("fp64", tl.float64))
+        for name in ("fp32", "fp64")
     },
     **{
-        f"gram_columns_kernel[{name}]": (
+        f"gram_columns_kernel[{name}]": aot_entry(
             gram_columns_kernel,
             {
                 **_POINTERS,
@@ -253,13 +250,9 @@ AOT_SIGNATURES = {
                 "cols": "i64",
                 "split_rows": "i64",
                 "count": "i32",
-                "HAS_BASE": "constexpr",
-                "COMPUTE": "constexpr",
-                "KP": "constexpr",
-                "BLOCK": "constexpr",
             },
-            {"HAS_BASE": True, "COMPUTE": compute, "KP": 4, "BLOCK": TILE_BUDGET // 16},
+            {"HAS_BASE": True, "COMPUTE": FLOAT_TYPES[name], "KP": 4, "BLOCK": TILE_BUDGET // 16},
         )
-        for name, compute in (("fp32", tl.float32), ("fp64", tl.float64))
+        for name in ("fp32", "fp64")
     },
 }

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import FLOAT_TYPES, aot_entry, compute_name, compute_type
 from ._launch import launch
 from ._rounding import to_out as _to_out
 from ._tables import TRITON_DTYPES, int64_on
@@ -178,33 +179,24 @@ def gta_combine(
     )
 
 
-def _signature(name: str, out_name: str) -> dict:
-    compute = "*fp64" if name == "fp64" else "*fp32"
-    return {
-        "base_ptr": f"*{name}",
-        "addresses_ptr": "*i64",
-        "params_ptr": compute,
-        "random_ptr": "*i64",
-        "scalars_ptr": compute,
-        "out_ptr": f"*{out_name}",
-        "n": "i64",
-        "offset": "i64",
-        "num_experts": "i32",
-        **{k: "constexpr" for k in ("DTYPE", "COMPUTE", "OUT", "RANDOM", "CONSENSUS")},
-        **{k: "constexpr" for k in ("DROP_ZERO", "NORMALIZE", "BLOCK")},
-    }
-
-
-_TYPES = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32, "fp64": tl.float64}
-
 AOT_SIGNATURES = {
-    f"gta_combine_kernel[{name}->{out_name},{mode}]": (
+    f"gta_combine_kernel[{name}->{out_name},{mode}]": aot_entry(
         gta_combine_kernel,
-        _signature(name, out_name),
         {
-            "DTYPE": _TYPES[name],
-            "COMPUTE": tl.float64 if name == "fp64" else tl.float32,
-            "OUT": _TYPES[out_name],
+            "base_ptr": f"*{name}",
+            "addresses_ptr": "*i64",
+            "params_ptr": f"*{compute_name(name)}",
+            "random_ptr": "*i64",
+            "scalars_ptr": f"*{compute_name(name)}",
+            "out_ptr": f"*{out_name}",
+            "n": "i64",
+            "offset": "i64",
+            "num_experts": "i32",
+        },
+        {
+            "DTYPE": FLOAT_TYPES[name],
+            "COMPUTE": compute_type(name),
+            "OUT": FLOAT_TYPES[out_name],
             "RANDOM": full,
             "CONSENSUS": full,
             "DROP_ZERO": False,
@@ -215,7 +207,7 @@ AOT_SIGNATURES = {
     # Every input dtype, written back in its own dtype, with every feature on; float32
     # and float64 also without the random keep and the consensus.
     for name, out_name, mode, full in (
-        *((name, name, "full", True) for name in _TYPES),
+        *((name, name, "full", True) for name in FLOAT_TYPES),
         ("fp32", "fp32", "plain", False),
         ("fp64", "fp64", "plain", False),
     )

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import FLOAT_TYPES, aot_entry, compute_name, compute_type
 from ._launch import GRID_LIMITS, launch
 
 BLOCK_M = 32  # rows per tile
@@ -169,11 +170,11 @@ def add_lowrank(
 def _aot_signatures() -> dict:
     """name -> (kernel, signature, constexprs) of both kernels for every input dtype."""
     signatures = {}
-    for name in ("fp16", "bf16", "fp32", "fp64"):
+    for name in FLOAT_TYPES:
         f64 = name == "fp64"
-        acc_name, acc = ("fp64", tl.float64) if f64 else ("fp32", tl.float32)
+        acc_name = compute_name(name)
         scalars = {"rows": "i32", "size": "i32", "tasks": "i32", "rank": "i32", "tokens": "i32"}
-        common = {"ACC": acc, "F64": f64, "BLOCK_M": BLOCK_M}
+        common = {"ACC": compute_type(name), "F64": f64, "BLOCK_M": BLOCK_M}
         depth = BLOCK_D_F64 if f64 else BLOCK_D
         for kernel, pointers, size, constexprs in (
             (
@@ -189,10 +190,9 @@ def _aot_signatures() -> dict:
                 {**common, "BLOCK_O": BLOCK_O, "BLOCK_D": depth},
             ),
         ):
-            signature = {arg: f"*{dtype}" for arg, dtype in pointers.items()}
-            signature.update({size if k == "size" else k: v for k, v in scalars.items()})
-            signature.update(dict.fromkeys(constexprs, "constexpr"))
-            signatures[f"{kernel.__name__}[{name}]"] = (kernel, signature, constexprs)
+            types = {arg: f"*{dtype}" for arg, dtype in pointers.items()}
+            types.update({size if k == "size" else k: v for k, v in scalars.items()})
+            signatures[f"{kernel.__name__}[{name}]"] = aot_entry(kernel, types, constexprs)
     return signatures
 
 

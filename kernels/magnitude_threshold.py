@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import FLOAT_TYPES, aot_entry, compute_type
 from ._launch import GRID_LIMITS, launch
 from ._tables import TRITON_DTYPES, int64_on
 
@@ -130,7 +131,7 @@ def magnitude_threshold(
 
 
 AOT_SIGNATURES = {
-    f"magnitude_histogram_kernel[{name}]": (
+    f"magnitude_histogram_kernel[{name}]": aot_entry(
         magnitude_histogram_kernel,
         {
             "base_ptr": f"*{name}",
@@ -140,26 +141,15 @@ AOT_SIGNATURES = {
             "n": "i64",
             "num_experts": "i32",
             "shift": "i32",
-            "DTYPE": "constexpr",
-            "COMPUTE": "constexpr",
-            "BINS": "constexpr",
-            "DIGIT_BITS": "constexpr",
-            "CHUNK": "constexpr",
-            "BLOCK": "constexpr",
         },
         {
             "DTYPE": tl_dtype,
-            "COMPUTE": tl.float64 if name == "fp64" else tl.float32,
+            "COMPUTE": compute_type(name),
             "BINS": BINS,
             "DIGIT_BITS": DIGIT_BITS,
             "CHUNK": CHUNK,
             "BLOCK": BLOCK,
         },
     )
-    for name, tl_dtype in (
-        ("fp16", tl.float16),
-        ("bf16", tl.bfloat16),
-        ("fp32", tl.float32),
-        ("fp64", tl.float64),
-    )
+    for name, tl_dtype in FLOAT_TYPES.items()
 }

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import FLOAT_TYPES, aot_entry, compute_type
 from ._launch import launch
 from ._rounding import to_out as _to_out
 from ._tables import TRITON_DTYPES, int64_on
@@ -150,39 +151,29 @@ def _ranks(magnitude: torch.Tensor, width: int, inner: int) -> torch.Tensor:
     return ranks.scatter_(1, order, positions).contiguous()
 
 
-def _signature(dtype: str, out: str) -> dict[str, str]:
-    return {
-        "base_ptr": f"*{dtype}",
-        "expert_ptr": f"*{dtype}",
-        "ranks_ptr": "*i64",
-        "params_ptr": "*i64",
-        "out_ptr": f"*{out}",
-        "norms_ptr": "*fp64",
-        "width": "i64",
-        "inner": "i64",
-        "COMPUTE": "constexpr",
-        "OUT": "constexpr",
-        "RANKED": "constexpr",
-        "BLOCK": "constexpr",
-    }
-
-
-_TYPES = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32, "fp64": tl.float64}
-
 AOT_SIGNATURES = {
-    f"magprune_kernel[{name}->{out_name},{block}]": (
+    f"magprune_kernel[{name}->{out_name},{block}]": aot_entry(
         magprune_kernel,
-        _signature(name, out_name),
         {
-            "COMPUTE": tl.float64 if name == "fp64" else tl.float32,
-            "OUT": _TYPES[out_name],
+            "base_ptr": f"*{name}",
+            "expert_ptr": f"*{name}",
+            "ranks_ptr": "*i64",
+            "params_ptr": "*i64",
+            "out_ptr": f"*{out_name}",
+            "norms_ptr": "*fp64",
+            "width": "i64",
+            "inner": "i64",
+        },
+        {
+            "COMPUTE": compute_type(name),
+            "OUT": FLOAT_TYPES[out_name],
             "RANKED": name == "fp64",
             "BLOCK": block,
         },
     )
     # Every dtype, read and written, at a row width of 1024 (wider blocks compile the same
     # code, only longer: a sort of 4096 takes minutes).
-    for name in _TYPES
+    for name in FLOAT_TYPES
     for out_name in (name,)
     for block in (1024,)
 }

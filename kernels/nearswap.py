@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import FLOAT_TYPES, aot_entry
 from ._launch import launch
 from ._rounding import to_out as _to_out  # the rounding to the output dtype, as torch does it
 from ._tables import TRITON_DTYPES
@@ -104,27 +105,19 @@ def nearswap(
 
 
 AOT_SIGNATURES = {
-    f"nearswap_kernel[{compute_name}->{out_name}]": (
+    f"nearswap_kernel[{compute}->{out_name}]": aot_entry(
         nearswap_kernel,
         {
             "a_address": "i64",
             "a_code": "i32",
             "b_address": "i64",
             "b_code": "i32",
-            "params_ptr": f"*{compute_name}",
+            "params_ptr": f"*{compute}",
             "out_ptr": f"*{out_name}",
             "n": "i64",
-            "COMPUTE": "constexpr",
-            "OUT": "constexpr",
-            "BLOCK": "constexpr",
         },
-        {"COMPUTE": compute_type, "OUT": out_type, "BLOCK": BLOCK},
+        {"COMPUTE": FLOAT_TYPES[compute], "OUT": FLOAT_TYPES[out_name], "BLOCK": BLOCK},
     )
-    for compute_name, compute_type in (("fp32", tl.float32), ("fp64", tl.float64))
-    for out_name, out_type in (
-        ("fp16", tl.float16),
-        ("bf16", tl.bfloat16),
-        ("fp32", tl.float32),
-        ("fp64", tl.float64),
-    )
+    for compute in ("fp32", "fp64")
+    for out_name in FLOAT_TYPES
 }

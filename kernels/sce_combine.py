@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import FLOAT_TYPES, aot_entry, compute_name, compute_type
 from ._launch import launch
 from ._rounding import to_out as _to_out
 from ._tables import TRITON_DTYPES, int64_on
@@ -211,35 +212,30 @@ def sce_combine(
 
 def _signatures() -> dict:
     table = {}
-    types = (("fp16", tl.float16), ("bf16", tl.bfloat16), ("fp32", tl.float32),
-             ("fp64", tl.float64))  # fmt: skip
-    for name, tl_dtype in types:
-        compute = "fp64" if name == "fp64" else "fp32"
-        tl_compute = tl.float64 if name == "fp64" else tl.float32
-        common = {"base_ptr": f"*{name}", "addresses_ptr": "*i64"}
-        table[f"sce_variance_kernel[{name}]"] = (
+    for name, tl_dtype in FLOAT_TYPES.items():
+        compute = compute_name(name)
+        common = {"DTYPE": tl_dtype, "COMPUTE": compute_type(name)}
+        table[f"sce_variance_kernel[{name}]"] = aot_entry(
             sce_variance_kernel,
-            {**common, "var_ptr": f"*{compute}", "n": "i64", "num_experts": "i32",
-             "DTYPE": "constexpr", "COMPUTE": "constexpr", "BLOCK": "constexpr"},
-            {"DTYPE": tl_dtype, "COMPUTE": tl_compute, "BLOCK": BLOCK},
+            {"base_ptr": f"*{name}", "addresses_ptr": "*i64", "var_ptr": f"*{compute}",
+             "n": "i64", "num_experts": "i32"},
+            {**common, "BLOCK": BLOCK},
         )  # fmt: skip
         for select in (False, True):
-            table[f"sce_energies_kernel[{name},select={select}]"] = (
+            table[f"sce_energies_kernel[{name},select={select}]"] = aot_entry(
                 sce_energies_kernel,
-                {**common, "threshold_ptr": f"*{compute}", "sums_ptr": "*fp64", "n": "i64",
-                 "num_experts": "i32", "DTYPE": "constexpr", "COMPUTE": "constexpr",
-                 "SELECT": "constexpr", "BLOCK": "constexpr"},
-                {"DTYPE": tl_dtype, "COMPUTE": tl_compute, "SELECT": select, "BLOCK": BLOCK},
+                {"base_ptr": f"*{name}", "addresses_ptr": "*i64",
+                 "threshold_ptr": f"*{compute}", "sums_ptr": "*fp64", "n": "i64",
+                 "num_experts": "i32"},
+                {**common, "SELECT": select, "BLOCK": BLOCK},
             )  # fmt: skip
-            for out_name, out_type in {name: tl_dtype, "fp32": tl.float32}.items():
-                table[f"sce_combine_kernel[{name}->{out_name},select={select}]"] = (
+            for out_name in dict.fromkeys((name, "fp32")):
+                table[f"sce_combine_kernel[{name}->{out_name},select={select}]"] = aot_entry(
                     sce_combine_kernel,
-                    {**common, "threshold_ptr": f"*{compute}", "weights_ptr": f"*{compute}",
-                     "out_ptr": f"*{out_name}", "n": "i64", "num_experts": "i32",
-                     "DTYPE": "constexpr", "COMPUTE": "constexpr", "OUT": "constexpr",
-                     "SELECT": "constexpr", "BLOCK": "constexpr"},
-                    {"DTYPE": tl_dtype, "COMPUTE": tl_compute, "OUT": out_type,
-                     "SELECT": select, "BLOCK": BLOCK},
+                    {"base_ptr": f"*{name}", "addresses_ptr": "*i64",
+                     "threshold_ptr": f"*{compute}", "weights_ptr": f"*{compute}",
+                     "out_ptr": f"*{out_name}", "n": "i64", "num_experts": "i32"},
+                    {**common, "OUT": FLOAT_TYPES[out_name], "SELECT": select, "BLOCK": BLOCK},
                 )  # fmt: skip
     return table
 

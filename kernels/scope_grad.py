@@ -13,6 +13,7 @@ import triton.language as tl
 
 from fastmerge._chunks import plan_chunks
 
+from ._aot import FLOAT_TYPES, aot_entry, compute_type
 from ._launch import launch
 from ._tables import BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, group_by_dtype, int64_on
 
@@ -75,7 +76,7 @@ def scope_grad(tensors: list[torch.Tensor], coefficients: torch.Tensor) -> list[
 
 
 AOT_SIGNATURES = {
-    f"scope_grad_kernel[{name}]": (
+    f"scope_grad_kernel[{name}]": aot_entry(
         scope_grad_kernel,
         {
             "x_addresses_ptr": "*i64",
@@ -85,16 +86,8 @@ AOT_SIGNATURES = {
             "chunk_tensor_ptr": "*i64",
             "chunk_begin_ptr": "*i64",
             "chunk_length_ptr": "*i64",
-            "DTYPE": "constexpr",
-            "COMPUTE": "constexpr",
-            "BLOCK": "constexpr",
         },
-        {"DTYPE": tl_dtype, "COMPUTE": compute, "BLOCK": BLOCK_SIZE},
+        {"DTYPE": tl_dtype, "COMPUTE": compute_type(name), "BLOCK": BLOCK_SIZE},
     )
-    for name, tl_dtype, compute in (
-        ("fp16", tl.float16, tl.float32),
-        ("bf16", tl.bfloat16, tl.float32),
-        ("fp32", tl.float32, tl.float32),
-        ("fp64", tl.float64, tl.float64),
-    )
+    for name, tl_dtype in FLOAT_TYPES.items()
 }

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from fastmerge._chunks import plan_chunks
 
+from ._aot import FLOAT_TYPES, aot_entry
 from ._launch import launch
 from ._tables import BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, group_by_dtype, int64_on
 
@@ -107,7 +108,7 @@ def _combine(
 
 
 AOT_SIGNATURES = {
-    f"scope_stats_kernel[{name}]": (
+    f"scope_stats_kernel[{name}]": aot_entry(
         scope_stats_kernel,
         {
             "addresses_ptr": "*i64",
@@ -115,15 +116,8 @@ AOT_SIGNATURES = {
             "chunk_begin_ptr": "*i64",
             "chunk_length_ptr": "*i64",
             "partials_ptr": "*fp64",
-            "DTYPE": "constexpr",
-            "BLOCK": "constexpr",
         },
         {"DTYPE": tl_dtype, "BLOCK": BLOCK_SIZE},
     )
-    for name, tl_dtype in (
-        ("fp16", tl.float16),
-        ("bf16", tl.bfloat16),
-        ("fp32", tl.float32),
-        ("fp64", tl.float64),
-    )
+    for name, tl_dtype in FLOAT_TYPES.items()
 }

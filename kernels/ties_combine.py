@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import FLOAT_TYPES, aot_entry, compute_name, compute_type
 from ._launch import launch
 from ._rounding import to_out as _to_out
 from ._tables import TRITON_DTYPES, int64_on
@@ -105,34 +106,25 @@ def ties_combine(
 
 
 AOT_SIGNATURES = {
-    f"ties_combine_kernel[{name}->{out_name}]": (
+    f"ties_combine_kernel[{name}->{out_name}]": aot_entry(
         ties_combine_kernel,
         {
             "base_ptr": f"*{name}",
             "addresses_ptr": "*i64",
-            "thresholds_ptr": "*fp64" if name == "fp64" else "*fp32",
-            "scale_ptr": "*fp64" if name == "fp64" else "*fp32",
+            "thresholds_ptr": f"*{compute_name(name)}",
+            "scale_ptr": f"*{compute_name(name)}",
             "out_ptr": f"*{out_name}",
             "n": "i64",
             "num_experts": "i32",
-            "DTYPE": "constexpr",
-            "COMPUTE": "constexpr",
-            "OUT": "constexpr",
-            "BLOCK": "constexpr",
         },
         {
-            "DTYPE": tl_dtype,
-            "COMPUTE": tl.float64 if name == "fp64" else tl.float32,
-            "OUT": out_type,
+            "DTYPE": FLOAT_TYPES[name],
+            "COMPUTE": compute_type(name),
+            "OUT": FLOAT_TYPES[out_name],
             "BLOCK": BLOCK,
         },
     )
     # Every input dtype, written back in its own dtype and in float32.
-    for name, tl_dtype in (
-        ("fp16", tl.float16),
-        ("bf16", tl.bfloat16),
-        ("fp32", tl.float32),
-        ("fp64", tl.float64),
-    )
-    for out_name, out_type in {name: tl_dtype, "fp32": tl.float32}.items()
+    for name in FLOAT_TYPES
+    for out_name in dict.fromkeys((name, "fp32"))
 }

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import FLOAT_TYPES, aot_entry
 from ._launch import launch
 from ._rounding import to_out as _to_out
 from ._tables import TRITON_DTYPES, int64_on
@@ -91,26 +92,18 @@ def weighted_sum(
 
 
 AOT_SIGNATURES = {
-    f"weighted_sum_kernel[{compute_name}->{out_name}]": (
+    f"weighted_sum_kernel[{compute}->{out_name}]": aot_entry(
         weighted_sum_kernel,
         {
             "addresses_ptr": "*i64",
             "codes_ptr": "*i32",
-            "weights_ptr": f"*{compute_name}",
+            "weights_ptr": f"*{compute}",
             "out_ptr": f"*{out_name}",
             "n": "i64",
             "count": "i32",
-            "COMPUTE": "constexpr",
-            "OUT": "constexpr",
-            "BLOCK": "constexpr",
         },
-        {"COMPUTE": compute_type, "OUT": out_type, "BLOCK": BLOCK},
+        {"COMPUTE": FLOAT_TYPES[compute], "OUT": FLOAT_TYPES[out_name], "BLOCK": BLOCK},
     )
-    for compute_name, compute_type in (("fp32", tl.float32), ("fp64", tl.float64))
-    for out_name, out_type in (
-        ("fp16", tl.float16),
-        ("bf16", tl.bfloat16),
-        ("fp32", tl.float32),
-        ("fp64", tl.float64),
-    )
+    for compute in ("fp32", "fp64")
+    for out_name in FLOAT_TYPES
 }

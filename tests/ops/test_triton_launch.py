@@ -1,11 +1,12 @@
 """Every Triton launch goes through fastmerge.kernels._launch: on the inputs' device (a
 stand-in device context records it), on a grid within CUDA's limits; axes past 65,535
 (experts, tasks) are walked inside the kernels; the bfloat16 rounding helper keeps NaNs
-NaN for every NaN bit pattern."""
+NaN for every NaN bit pattern; an AOT signature entry names its kernel's arguments in order."""
 
 from __future__ import annotations
 
 import contextlib
+import doctest
 import inspect
 import types
 
@@ -25,7 +26,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from fastmerge import kernels
-    from fastmerge.kernels import _launch, _rounding
+    from fastmerge.kernels import _aot, _launch, _rounding
 
     @triton.jit
     def _round_kernel(x_ptr, out_ptr, n, OUT: tl.constexpr, BLOCK: tl.constexpr):
@@ -259,3 +260,18 @@ def test_ties_combine_keeps_a_gpu_nan_a_nan_in_bfloat16():
     out = torch.empty(2, dtype=torch.bfloat16)
     kernels.ties_combine.ties_combine(base, experts, torch.zeros(1), 1.0, out)
     assert out[0].isnan() and out[1].item() == 1.0
+
+
+def test_an_aot_entry_names_the_kernels_arguments_in_order():
+    types_ = {"x_ptr": "*fp32", "out_ptr": "*bf16", "n": "i32"}
+    kernel, signature, constexprs = _aot.aot_entry(
+        _round_kernel, types_, {"OUT": tl.bfloat16, "BLOCK": 8}
+    )
+    assert kernel is _round_kernel and constexprs == {"OUT": tl.bfloat16, "BLOCK": 8}
+    assert signature == {**types_, "OUT": "constexpr", "BLOCK": "constexpr"}
+    assert list(signature) == ["x_ptr", "out_ptr", "n", "OUT", "BLOCK"]
+    with pytest.raises(ValueError, match="_round_kernel .* takes"):  # BLOCK missing
+        _aot.aot_entry(_round_kernel, types_, {"OUT": tl.bfloat16})
+    with pytest.raises(ValueError, match="_round_kernel"):  # out of order
+        _aot.aot_entry(_round_kernel, types_, {"BLOCK": 8, "OUT": tl.bfloat16})
+    assert doctest.testmod(_aot).failed == 0
