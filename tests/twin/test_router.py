@@ -54,6 +54,16 @@ def test_trains_to_high_accuracy_on_separable_features():
     assert torch.equal(again(test_feats), router(test_feats))
 
 
+def test_features_computed_with_gradients_train_the_router_only():
+    feats, _, ids = separable(n_per_task=40)
+    body = nn.Linear(feats.shape[1], feats.shape[1])
+    with torch.enable_grad():
+        features = body(feats)  # part of an autograd graph
+    router = fit_router(features, ids, epochs=3, seed=0)
+    assert router.history.best_epoch >= 0
+    assert body.weight.grad is None
+
+
 def test_early_stopping_restores_the_best_epoch():
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(200, 5, generator=gen)

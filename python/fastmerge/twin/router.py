@@ -208,7 +208,9 @@ def _train(
 def _check_training_data(
     features: torch.Tensor, task_ids: torch.Tensor, num_tasks: Optional[int]
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    x = torch.as_tensor(features)
+    # Detached: the router is trained on the features, never through them (features computed
+    # with gradients enabled would otherwise be backpropagated into twice).
+    x = torch.as_tensor(features).detach()
     y = torch.as_tensor(task_ids)
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(
