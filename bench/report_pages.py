@@ -24,6 +24,7 @@ import os
 import re
 import statistics
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -274,7 +275,7 @@ def plot_merge(runs: dict[str, dict[str, Any]], path: Path) -> None:
                 ax.annotate(f"{b / a:.1f}x", (x, max(a, b)), ha="center", va="bottom", fontsize=7)
         ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
         ax.set(yscale="log", ylabel="seconds, whole command")
-        ax.set_title(f"run {stem}: {machine_line(data)}", fontsize=8)
+        ax.set_title(textwrap.fill(f"run {stem}: {machine_line(data)}", 150), fontsize=8)
         ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
