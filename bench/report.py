@@ -3,6 +3,7 @@
 Usage::
 
     python bench/report.py bench/results/cpu.raw.json [--anchor PROVIDER ...] [--name NAME]
+    python bench/report.py pages [--results bench/results] [--out docs/benchmarks]
 
 For each benchmark group it prints a markdown table (provider, median, p20, p80, GB/s and
 the ratios to the anchors) and writes ``<out-dir>/<name>.md``, plus ``<name>.json`` and
@@ -10,6 +11,9 @@ the ratios to the anchors) and writes ``<out-dir>/<name>.md``, plus ``<name>.jso
 Ratios are ``anchor median / provider median``: for the default scope_stats anchors that
 is the speed-up over the ``torch.std_mean`` loop and the fraction of ``torch.sum``'s
 bytes/s; for the WSA group, the speed-up over the autograd loop.
+
+``pages`` writes the results pages and plots under ``docs/benchmarks/`` instead (see
+``bench/report_pages.py``).
 
 p20/p80 are computed from the per-round timings, which ``--benchmark-json`` always stores.
 Files without them (``--benchmark-save`` without ``--benchmark-save-data``) fall back to
@@ -22,6 +26,7 @@ import argparse
 import csv
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -207,6 +212,13 @@ def rows(results: list[Result], machine_info: dict[str, Any]) -> list[dict[str, 
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pages"]:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import report_pages
+
+        report_pages.main(argv[1:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("raw", type=Path, help="JSON written by pytest --benchmark-json")
     parser.add_argument("--anchor", action="append", help="provider to compare against")
