@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bit_select.h"
 #include "cpu_loads.h"
 #include "fastmerge/dispatch.h"
 #include "fastmerge/keep_hash.h"
@@ -84,20 +85,6 @@ __attribute__((always_inline)) inline void store_any(void* out, int32_t dtype, i
       }
     }
   });
-}
-
-// c ? x : y as bit masks (vectorizes without mask registers; no branch per entry).
-template <typename C>
-__attribute__((always_inline)) inline C pick(bool c, C x, C y) {
-  using U = typename std::conditional<sizeof(C) == 8, uint64_t, uint32_t>::type;
-  U xb, yb;
-  std::memcpy(&xb, &x, sizeof(xb));
-  std::memcpy(&yb, &y, sizeof(yb));
-  const U mask = U(0) - static_cast<U>(c);
-  const U bits = (xb & mask) | (yb & ~mask);
-  C out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
 }
 
 // sum |x[j]|, j < m, in float64: kLanes partial sums (lane j mod kLanes), then the lanes

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "bit_select.h"
 #include "cpu_loads.h"
 #include "fastmerge/dispatch.h"
 #include "fastmerge/parallel.h"
@@ -44,21 +45,6 @@ __attribute__((always_inline)) inline void widen_any(C* dst, const void* x, int3
   dispatch_dtype(dtype, "nearswap: dtype", [&](auto tag) FM_INLINE_LAMBDA {
     widen<C, decltype(tag)::code>(dst, x, j0, len);
   });
-}
-
-// c ? x : y as bit masks, not a select, so that compilers vectorize it without AVX-512
-// mask registers too (no branch per entry; see ties_combine.cpp).
-template <typename C>
-__attribute__((always_inline)) inline C pick(bool c, C x, C y) {
-  using U = typename std::conditional<sizeof(C) == 8, uint64_t, uint32_t>::type;
-  U xb, yb;
-  std::memcpy(&xb, &x, sizeof(xb));
-  std::memcpy(&yb, &y, sizeof(yb));
-  const U mask = U(0) - static_cast<U>(c);
-  const U bits = (xb & mask) | (yb & ~mask);
-  C out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
 }
 
 // r[j] = nearswap(x[j], y[j]); r may be x.

@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections import deque
-from typing import Any, Iterable, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -352,18 +352,49 @@ def solve_least_squares(
                     f"in the layout but {size} in merged; was merged built from these layouts?"
                 )
         fits[name] = _Fit(name, module, lin, lout)
+
+    def accumulate(todo: list[str]) -> int:
+        return _accumulate(merged, model_a, model_b, batches, mods, fits, todo, sequential)
+
+    return fit_rounds(
+        names,
+        fits,
+        accumulate,
+        [model_a, model_b, merged],
+        merged,
+        batches,
+        ridge=ridge,
+        sequential=sequential,
+        distributed=distributed,
+    )
+
+
+def fit_rounds(
+    names: list[str],
+    fits: Mapping[str, Any],
+    accumulate: Callable[[list[str]], int],
+    models: Sequence[nn.Module],
+    merged: nn.Module,
+    batches: list[Any],
+    *,
+    ridge: float,
+    sequential: bool,
+    distributed: Optional[bool],
+) -> dict[str, LayerFit]:
+    """The accumulate-and-solve rounds of the least-squares stage (two models or N): one round
+    over all layers, or with `sequential` one per layer in order after re-estimating the merged
+    model's BatchNorm statistics; `accumulate(todo)` feeds the layers of `todo` and returns the
+    number of batches; sums over the ranks under `distributed`. Restores every module's
+    training flag."""
     reduce = should_reduce(distributed)
     rounds = [[n] for n in names] if sequential else [names]
     out: dict[str, LayerFit] = {}
-    flags = [
-        (m, m.training)
-        for m in itertools.chain(model_a.modules(), model_b.modules(), merged.modules())
-    ]
+    flags = [(m, m.training) for m in itertools.chain(*(x.modules() for x in models))]
     try:
         for todo in rounds:
             if sequential:
                 recompute_batchnorm(merged, batches, distributed=reduce)
-            n = _accumulate(merged, model_a, model_b, batches, mods, fits, todo, sequential)
+            n = accumulate(todo)
             if reduce:  # every rank reaches the collectives, then all raise alike
                 n = _sum_over_ranks([fits[name] for name in todo], n)
             if n == 0:

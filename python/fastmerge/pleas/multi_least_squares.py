@@ -20,14 +20,12 @@ bit for bit the two-model stage's.
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..dist import should_reduce
 from .groups import PermutationSpec
 from .least_squares_stage import (
     LayerFit,
@@ -36,8 +34,7 @@ from .least_squares_stage import (
     _channel_dim,
     _check_layer,
     _Fit,
-    _sum_over_ranks,
-    recompute_batchnorm,
+    fit_rounds,
 )
 from .matching import _call, _device_of, _first_input, _to_device
 from .multi_layouts import MultiLayout
@@ -166,27 +163,21 @@ def solve_least_squares_many(
                     f"{len(models)} models; was merged built from these layouts?"
                 )
         fits[name] = _MultiFit(name, module, lin, lout)
-    reduce = should_reduce(distributed)
-    rounds = [[n] for n in names] if sequential else [names]
-    out: dict[str, LayerFit] = {}
-    flags = [
-        (m, m.training) for m in itertools.chain(merged.modules(), *(x.modules() for x in models))
-    ]
-    try:
-        for todo in rounds:
-            if sequential:
-                recompute_batchnorm(merged, batches, distributed=reduce)
-            n = _accumulate(merged, models, batches, mods, mods_m, fits, todo, sequential)
-            if reduce:  # every rank reaches the collectives, then all raise alike
-                n = _sum_over_ranks([fits[name] for name in todo], n)
-            if n == 0:
-                raise ValueError("data is empty: it yielded no batches")
-            for name in todo:
-                out[name] = fits[name].solve(ridge)
-    finally:
-        for m, flag in flags:
-            m.training = flag
-    return {name: out[name] for name in names}
+
+    def accumulate(todo: list[str]) -> int:
+        return _accumulate(merged, models, batches, mods, mods_m, fits, todo, sequential)
+
+    return fit_rounds(
+        names,
+        fits,
+        accumulate,
+        [merged, *models],
+        merged,
+        batches,
+        ridge=ridge,
+        sequential=sequential,
+        distributed=distributed,
+    )
 
 
 def _accumulate(merged, models, batches, mods, mods_m, fits, todo, sequential) -> int:
