@@ -4,13 +4,17 @@ The tensors of a model by name, the example-input check, the hint for models fx 
 trace and the weight axes of a Conv/Linear layer: used by the permutation groups
 (:mod:`~fastmerge.pleas.spec`, :mod:`~fastmerge.pleas.permute`) and by the matching,
 allocation and merging stages, which import them from here (or, as before, from
-:mod:`fastmerge.pleas.groups`).
+:mod:`fastmerge.pleas.groups`). And the data and device plumbing that every stage shares:
+a batch's model input, moving it to the model's device, calling the model, and reading
+`data` once into a reusable list (still importable from :mod:`~fastmerge.pleas.matching`
+and :mod:`~fastmerge.pleas.least_squares_stage`, where they were first).
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Any, Sequence
+import itertools
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -66,3 +70,41 @@ def _as_inputs(example_input: Any) -> tuple:
         "example_input must be a tensor or a tuple of tensors (the model's positional "
         f"inputs), got {type(example_input).__name__}"
     )
+
+
+def _first_input(batch: Any) -> Any:
+    """A batch of model inputs: the batch itself, or the first element of a tuple/list."""
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("data yielded an empty tuple/list; expected inputs or (input, ...)")
+        return batch[0]
+    return batch
+
+
+def _to_device(x: Any, device: Optional[torch.device]) -> Any:
+    if device is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_device(t, device) for t in x)
+    return x
+
+
+def _device_of(model: nn.Module) -> Optional[torch.device]:
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return None
+
+
+def _call(model: nn.Module, x: Any) -> Any:
+    return model(*x) if isinstance(x, tuple) else model(x)
+
+
+def _batch_list(data: Iterable[Any]) -> Iterable[Any]:
+    if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
+        raise TypeError(
+            "data must be an iterable of input batches (or of (input, target) tuples), got "
+            f"{type(data).__name__}; wrap a single batch in a list: [x]"
+        )
+    return list(data) if iter(data) is data else data  # an iterator is consumed once

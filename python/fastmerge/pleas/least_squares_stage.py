@@ -32,14 +32,9 @@ from torch import nn
 
 from ..dist import all_reduce_values, should_reduce
 from ..least_squares import LeastSquares
+from ._common import _batch_list, _call, _device_of, _first_input, _to_device
 from .groups import PermutationSpec
-from .matching import (
-    PartialLayout,
-    _call,
-    _device_of,
-    _first_input,
-    _to_device,
-)
+from .matching import PartialLayout
 
 __all__ = ["LayerFit", "recompute_batchnorm", "solve_least_squares"]
 
@@ -60,15 +55,6 @@ class LayerFit(NamedTuple):
     before: float
     after: float
     samples: int
-
-
-def _batch_list(data: Iterable[Any]) -> Iterable[Any]:
-    if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
-        raise TypeError(
-            "data must be an iterable of input batches (or of (input, target) tuples), got "
-            f"{type(data).__name__}; wrap a single batch in a list: [x]"
-        )
-    return list(data) if iter(data) is data else data  # an iterator is consumed once
 
 
 def recompute_batchnorm(

@@ -37,7 +37,7 @@ from torch import nn
 from ..dist import all_reduce_values, should_reduce
 from ..features import FeatureStats
 from ..ops.linear_assignment import linear_assignment
-from ._common import _named_tensors
+from ._common import _call, _device_of, _first_input, _named_tensors, _to_device
 from .groups import PermutationSpec, permutation_groups
 
 __all__ = [
@@ -124,35 +124,6 @@ def _check_spec_fits(model: nn.Module, spec: PermutationSpec) -> None:
                     f"spec group {g.name!r} does not fit the model: {axis.name!r} has no axis "
                     f"{axis.dim} of size {g.size}; was the spec made for this model?"
                 )
-
-
-def _first_input(batch: Any) -> Any:
-    """A batch of model inputs: the batch itself, or the first element of a tuple/list."""
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError("data yielded an empty tuple/list; expected inputs or (input, ...)")
-        return batch[0]
-    return batch
-
-
-def _to_device(x: Any, device: Optional[torch.device]) -> Any:
-    if device is None:
-        return x
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to_device(t, device) for t in x)
-    return x
-
-
-def _device_of(model: nn.Module) -> Optional[torch.device]:
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        return t.device
-    return None
-
-
-def _call(model: nn.Module, x: Any) -> Any:
-    return model(*x) if isinstance(x, tuple) else model(x)
 
 
 def _check_max_batches(max_batches: Optional[int]) -> None:

@@ -29,17 +29,14 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ._common import _named_tensors
+from ._common import _batch_list, _device_of, _first_input, _named_tensors, _to_device
 from .allocation import _check_budget, allocate, layer_costs, relative_flops
 from .groups import PermutationSpec, permutation_groups
-from .least_squares_stage import _batch_list, recompute_batchnorm, solve_least_squares
+from .least_squares_stage import recompute_batchnorm, solve_least_squares
 from .matching import (
     COST_KINDS,
     GroupMatch,
     PartialLayout,
-    _device_of,
-    _first_input,
-    _to_device,
     check_same_architecture,
     match,
     partial_layout,

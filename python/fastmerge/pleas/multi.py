@@ -26,11 +26,11 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._common import _named_tensors
+from ._common import _batch_list, _device_of, _first_input, _named_tensors, _to_device
 from .allocation import _check_costs, allocate, layer_costs, relative_flops
 from .groups import PermutationSpec, permutation_groups
-from .least_squares_stage import _batch_list, recompute_batchnorm
-from .matching import COST_KINDS, _device_of, _first_input, _to_device
+from .least_squares_stage import recompute_batchnorm
+from .matching import COST_KINDS
 from .merging import _CONV, METHODS, _check_module, _owner, _rebuild
 from .multi_layouts import MultiLayout, identity_multi_layouts, multi_layout
 from .multi_least_squares import solve_least_squares_many

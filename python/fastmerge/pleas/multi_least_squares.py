@@ -26,17 +26,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ._common import _batch_list, _call, _device_of, _first_input, _to_device
 from .groups import PermutationSpec
-from .least_squares_stage import (
-    LayerFit,
-    _batch_list,
-    _capture,
-    _channel_dim,
-    _check_layer,
-    _Fit,
-    fit_rounds,
-)
-from .matching import _call, _device_of, _first_input, _to_device
+from .least_squares_stage import LayerFit, _capture, _channel_dim, _check_layer, _Fit, fit_rounds
 from .multi_layouts import MultiLayout
 from .multi_matching import check_models
 

@@ -29,20 +29,17 @@ from torch import nn
 
 from ..dist import all_reduce_values, should_reduce
 from ..features import FeatureStats
+from ._common import _call, _device_of, _first_input, _to_device
 from .groups import PermutationSpec, apply_permutation, permutation_groups
 from .matching import (
     COST_KINDS,
     GroupMatch,
     _batches,
-    _call,
     _capture_points,
     _channel_matrix,
     _check_spec,
     _check_spec_fits,
-    _device_of,
-    _first_input,
     _solve,
-    _to_device,
     check_same_architecture,
 )
 

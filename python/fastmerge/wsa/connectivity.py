@@ -25,9 +25,10 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
+from ..pleas._common import _first_input
 from ..pleas.groups import apply_permutation, permutation_groups
 from ..pleas.least_squares_stage import recompute_batchnorm
-from ..pleas.matching import _first_input, check_same_architecture, match
+from ..pleas.matching import check_same_architecture, match
 from ..pleas.multi_matching import align_many
 from ..pleas.weight_matching import weight_matching
 from ._display import new_figure, progress_bar, save_png
