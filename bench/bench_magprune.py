@@ -15,20 +15,17 @@ Run: ``python bench/bench_magprune.py [--rounds 7] [--name magprune-cpu]``; resu
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
+import _side_by_side as side_by_side
 import torch
 
 import fastmerge
 
-HERE = Path(__file__).resolve().parent
 SHAPES = [(3072, 768), (768, 768)]
 DENSITY, EPSILON, SEED = 0.5, 0.15, 1234
 
@@ -103,35 +100,12 @@ def report(result: dict[str, Any], machine: dict[str, Any]) -> str:
             f"| {shape} | {m['torch-argsort'] * 1e3:.1f} | {m['magprune'] * 1e3:.1f} | "
             f"{r['speedup']:.1f}x | {k['torch-argsort']:.4f} / {k['magprune']:.4f} |"
         )
-    before = ", ".join(f"{x:.2f}" for x in result["load_before"])
-    after = ", ".join(f"{x:.2f}" for x in result["load_after"])
-    lines += [
-        "",
-        f"Machine: {json.dumps(machine)}",
-        f"Load average before: {before}; after: {after} (a shared machine: ratios only).",
-        "",
-    ]
+    lines += side_by_side.footer(result, machine)
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--name", default="magprune-cpu")
-    args = parser.parse_args(argv)
-    sys.path.insert(0, str(HERE))
-    from conftest import machine_description
-
-    result = measure(args.rounds)
-    machine = machine_description()
-    result["machine"] = machine
-    text = report(result, machine)
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / f"{args.name}.md").write_text(text)
-    (results / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(text)
-    return 0
+    return side_by_side.main(__doc__.splitlines()[0], "magprune-cpu", measure, report, argv)
 
 
 if __name__ == "__main__":

@@ -16,23 +16,20 @@ Run: ``python bench/bench_sce.py [--rounds 7] [--name sce-cpu]``; results go to
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
+import _side_by_side as side_by_side
 import torch
 
 import fastmerge
 from fastmerge import ops
 from fastmerge.engine.methods import sce
 
-HERE = Path(__file__).resolve().parent
 SHAPE = (3072, 768)
 EXPERTS = 3
 
@@ -143,35 +140,12 @@ def report(result: dict[str, Any], machine: dict[str, Any]) -> str:
         lines.append(
             f"| {case} | {old * 1e3:.1f} | {new * 1e3:.1f} | {r['speedup']:.1f}x | {diff_text} |"
         )
-    before = ", ".join(f"{x:.2f}" for x in result["load_before"])
-    after = ", ".join(f"{x:.2f}" for x in result["load_after"])
-    lines += [
-        "",
-        f"Machine: {json.dumps(machine)}",
-        f"Load average before: {before}; after: {after} (a shared machine: ratios only).",
-        "",
-    ]
+    lines += side_by_side.footer(result, machine)
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--name", default="sce-cpu")
-    args = parser.parse_args(argv)
-    sys.path.insert(0, str(HERE))
-    from conftest import machine_description
-
-    result = measure(args.rounds)
-    machine = machine_description()
-    result["machine"] = machine
-    text = report(result, machine)
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / f"{args.name}.md").write_text(text)
-    (results / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(text)
-    return 0
+    return side_by_side.main(__doc__.splitlines()[0], "sce-cpu", measure, report, argv)
 
 
 if __name__ == "__main__":
